@@ -1,0 +1,39 @@
+"""A preallocated key/value cache (fixed shapes, so a GPU decode step can be graph-captured).
+
+Slot = position: token at position p of batch row b lives in slot p of row b. A query at
+position p attends to slots <= p, so slots written by right-padding are never read before
+the real token of that position overwrites them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, max_seq: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, kv_heads, max_seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.max_seq = batch, max_seq
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:
+        """k, v (B, S, n_kv, d) into slots ``positions`` (B, S) of cache rows ``rows`` (B,)."""
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        b_idx = rows.unsqueeze(1).expand_as(positions)
+        self.k[layer][b_idx, :, positions] = k
+        self.v[layer][b_idx, :, positions] = v
+
+    def read(self, layer: int, kv_len: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n_kv, kv_len, d) views of the first ``kv_len`` slots."""
+        k, v = self.k[layer], self.v[layer]
+        if rows is not None:
+            k, v = k[rows], v[rows]
+        return k[:, :, :kv_len], v[:, :, :kv_len]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()

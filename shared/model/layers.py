@@ -1,0 +1,101 @@
+"""RMSNorm, attention, MLP and one decoder layer, named as megatron-core names them.
+
+Linear layers come from a ``LayerImpl`` (the seam for another implementation such as
+Transformer Engine): a different impl must keep the parameter names and shapes, so the
+checkpoint schema never depends on the implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.config import ModelConfig
+from shared.model.kv_cache import KVCache
+from shared.model.rope import apply_rope
+from shared.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+@dataclass(frozen=True)
+class LayerImpl:
+    name: str
+    column: Callable[..., nn.Module]
+    row: Callable[..., nn.Module]
+
+
+LOCAL = LayerImpl("local", ColumnParallelLinear, RowParallelLinear)
+IMPLS = {"local": LOCAL}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype=torch.float32, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back before the scale (HF's order, so bf16 matches too)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int, group, impl: LayerImpl, dtype, device):
+        super().__init__()
+        self.d = cfg.head_dim
+        self.r = cfg.queries_per_group
+        self.groups = cfg.num_kv_heads // tp  # kv groups on this rank
+        self.linear_qkv = impl.column(cfg.hidden_size, cfg.qkv_rows, group=group, bias=cfg.qkv_bias,
+                                      dtype=dtype, device=device)
+        self.linear_proj = impl.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group=group,
+                                    dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, layer: int, position_ids, cache: KVCache | None, kv_len: int | None,
+                cache_rows: torch.Tensor | None):
+        B, S, _ = x.shape
+        qkv = self.linear_qkv(x).view(B, S, self.groups, self.r + 2, self.d)  # group-major
+        q = qkv[:, :, :, : self.r].reshape(B, S, self.groups * self.r, self.d)
+        k, v = qkv[:, :, :, self.r], qkv[:, :, :, self.r + 1]  # (B, S, n_kv, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.transpose(1, 2)  # (B, n_q, S, d)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=S > 1, enable_gqa=True)
+        else:
+            cache.write(layer, k, v, position_ids, cache_rows)
+            keys, values = cache.read(layer, kv_len, cache_rows)  # (B, n_kv, kv_len, d)
+            slots = torch.arange(kv_len, device=x.device)
+            mask = (slots.view(1, 1, kv_len) <= position_ids.unsqueeze(-1)).unsqueeze(1)  # (B,1,S,kv)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.linear_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, group, impl: LayerImpl, dtype, device):
+        super().__init__()
+        self.linear_fc1 = impl.column(cfg.hidden_size, 2 * cfg.intermediate_size, group=group,
+                                      dtype=dtype, device=device)
+        self.linear_fc2 = impl.row(cfg.intermediate_size, cfg.hidden_size, group=group, dtype=dtype, device=device)
+
+    def forward(self, x):
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)  # [gate_t ; up_t] per rank
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int, group, impl: LayerImpl, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attention = SelfAttention(cfg, tp, group, impl, dtype, device)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, group, impl, dtype, device)
+
+    def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, position_ids, cache, kv_len,
+                                    cache_rows)
+        return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -1,0 +1,150 @@
+"""Start the TP x PP (x DP) processes ourselves, so nobody hand-writes torchrun lines.
+
+``ProcessGroupPool`` keeps ``world_size`` spawned workers alive with one default process
+group; each ``run(dims, fn, *args)`` builds (once, then cached) the TP/PP/DP groups of
+``dims`` on the first ``dims.world_size`` workers and calls ``fn(ctx, *args)`` on each of them.
+A model can therefore be loaded once and serve many calls (state kept in ``worker_state()``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shared.parallel.dims import ParallelDims
+from shared.parallel.state import ParallelContext, build_groups
+
+_STATE: dict[str, Any] = {}
+
+
+class RemoteError(RuntimeError):
+    """A worker raised; the message carries its rank and traceback."""
+
+
+def worker_state() -> dict[str, Any]:
+    """A per-process dict that outlives single calls (e.g. a loaded model)."""
+    return _STATE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _worker(rank: int, world: int, backend: str, port: int, inbox, outbox, threads: int, timeout_s: float) -> None:
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    contexts: dict[ParallelDims, ParallelContext | None] = {}
+    outbox.put((rank, True, "ready"))
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            break
+        dims, fn, args = msg
+        try:
+            if dims not in contexts:
+                contexts[dims] = build_groups(dims, rank, device, list(range(dims.world_size)))
+            ctx = contexts[dims]
+            result = fn(ctx, *args) if ctx is not None else None
+            outbox.put((rank, True, result))
+        except BaseException:  # noqa: BLE001 - reported to the caller with the traceback
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class ProcessGroupPool:
+    def __init__(self, world_size: int, backend: str | None = None, threads: int = 1, timeout_s: float = 300.0):
+        self.world_size = world_size
+        self.backend = backend or default_backend()
+        self.timeout_s = timeout_s
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._inboxes = [ctx.Queue() for _ in range(world_size)]
+        self._outbox = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, self.backend, port, self._inboxes[r], self._outbox,
+                                         threads, timeout_s))
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self.broken = False
+        self._collect(timeout_s)
+
+    def _collect(self, timeout_s: float | None) -> list[Any]:
+        results: list[Any] = [None] * self.world_size
+        errors = []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._outbox.get(timeout=timeout_s)
+            except queue.Empty:
+                self.broken = True
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                self.close(force=True)
+                raise RemoteError(f"workers did not answer within {timeout_s} s (dead ranks: {dead})") from None
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+        if errors:
+            # a rank that failed may have left its peers blocked in a collective
+            self.broken = True
+            self.close(force=True)
+            raise RemoteError("\n".join(errors))
+        return results
+
+    def run(self, dims: ParallelDims, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """Call ``fn(ctx, *args)`` on the ranks of ``dims``; results indexed by rank (None beyond)."""
+        if self.broken:
+            raise RemoteError("this pool is closed after an earlier failure; start a new one")
+        if dims.world_size > self.world_size:
+            raise ValueError(f"layout needs {dims.world_size} processes; this pool has {self.world_size}")
+        for box in self._inboxes:
+            box.put((dims, fn, args))
+        return self._collect(timeout_s or self.timeout_s)[: dims.world_size]
+
+    def close(self, force: bool = False) -> None:
+        if not force and not self.broken:
+            for box in self._inboxes:
+                box.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self.broken = True
+
+    def __enter__(self) -> "ProcessGroupPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def launch(dims: ParallelDims, fn: Callable[..., Any], *args: Any, backend: str | None = None,
+           timeout_s: float = 600.0) -> list[Any]:
+    """One-shot: start ``dims.world_size`` processes, run ``fn(ctx, *args)`` on each, shut down."""
+    with ProcessGroupPool(dims.world_size, backend, timeout_s=timeout_s) as pool:
+        return pool.run(dims, fn, *args)
+
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
