@@ -66,3 +66,21 @@ def smollm2_logits(ctx, hf_dir, ids):
     stage = load_stage(cfg, ctx, state)
     out = pipeline_forward(stage, ctx, ids)
     return out if ctx.is_last_stage and ctx.tp_rank == 0 else None
+
+
+def fail_on_rank_one(ctx):
+    if ctx.rank == 1:
+        raise ValueError("boom on rank one")
+    return ctx.rank
+
+
+def coords(ctx):
+    return (ctx.rank, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.prev_rank, ctx.next_rank)
+
+
+def all_reduce_tp(ctx):
+    import torch.distributed as dist
+
+    t = torch.tensor([float(ctx.rank)])
+    dist.all_reduce(t, group=ctx.tp_group)
+    return float(t)
