@@ -1,0 +1,162 @@
+"""Jobs API: submit, get, list, events (JSON or SSE), cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+from typing import Literal
+
+from anyio import to_thread
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from gateway.api.deps import Svc
+from gateway.api.schemas import EventList, JobList, JobOut, JobRequest
+from gateway.auth import Team
+from shared.jobs import KINDS, STATES, TERMINAL, IdempotencyConflict, Job, eta_seconds
+from shared.jobs.reaper import dispatch
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("llama_svc.gateway")
+NOT_FOUND = {404: {"description": "no such job for this team"}}
+
+
+def job_out(job: Job) -> JobOut:
+    progress = dict(job.progress) if job.progress else None
+    if progress and progress.get("eta_s") is None and job.started_at:
+        progress["eta_s"] = eta_seconds(int(progress.get("current") or 0), int(progress.get("total") or 0),
+                                        job.started_at, progress.get("ts"))
+    return JobOut(**{**job.to_dict(), "progress": progress})
+
+
+def _get(svc, job_id: str, team: str) -> Job:
+    job = svc.jobs.get(job_id, team)
+    if job is None:  # another team's job is indistinguishable from none
+        raise HTTPException(404, f"job {job_id!r} not found")
+    return job
+
+
+def _validate(svc, team: str, req) -> dict:
+    s = svc.settings
+    params = req.model_dump(exclude_none=True)
+    if req.kind == "generate":
+        if len(req.prompts) > s.max_prompts:
+            raise HTTPException(422, f"at most {s.max_prompts} prompts per job")
+        if any(len(p) > s.max_prompt_chars for p in req.prompts):
+            raise HTTPException(422, f"a prompt is longer than {s.max_prompt_chars} characters")
+        if req.tokens_to_generate > s.max_new_tokens:
+            raise HTTPException(422, f"tokens_to_generate is limited to {s.max_new_tokens}")
+        if not svc.checkpoints.exists(team, req.model):
+            raise HTTPException(404, f"model {req.model!r} not found: upload or convert a checkpoint first")
+        return params
+    if not svc.checkpoints.exists(team, req.source):
+        raise HTTPException(404, f"source checkpoint {req.source!r} not found: upload it with POST /v1/checkpoints")
+    if req.kind == "eval":
+        return params
+    if not params.get("output"):
+        suffix = {"convert": f"tp{req.target_tp}pp{req.target_pp}" if hasattr(req, "target_tp") else "",
+                  "reshard": f"tp{req.target_tp}pp{req.target_pp}" if hasattr(req, "target_tp") else "",
+                  "export": "hf", "finetune": "ft"}.get(req.kind, req.kind)
+        params["output"] = f"{req.source[:100]}-{suffix}-{secrets.token_hex(3)}"
+    elif svc.checkpoints.exists(team, params["output"]):
+        raise HTTPException(409, f"checkpoint {params['output']!r} already exists; choose another output name")
+    return params
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={
+    404: {"description": "source checkpoint not found"}, 409: {"description": "Idempotency-Key reused / output exists"},
+    429: {"description": "too many active jobs for this team (see Retry-After)"}})
+async def submit_job(svc: Svc, team: Team, response: Response, req: JobRequest = Body(...),
+                     idempotency_key: str | None = Header(None, max_length=200)) -> JobOut:
+    """Submit a job; it runs asynchronously. Poll `GET /v1/jobs/{id}` or stream its events."""
+    body_hash = hashlib.sha256(json.dumps(req.model_dump(), sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        old = await to_thread.run_sync(lambda: svc.jobs.list_by_key(team, idempotency_key))
+        if old is not None:
+            if old.request_hash != body_hash:
+                raise HTTPException(409, "this Idempotency-Key was already used with a different request; use a new key")
+            response.headers["Idempotent-Replayed"] = "true"
+            return job_out(old)
+    s = svc.settings
+    if await to_thread.run_sync(svc.jobs.count_active, team) >= s.max_active_jobs_per_team:
+        raise HTTPException(429, f"your team has {s.max_active_jobs_per_team} active jobs; wait for some to finish",
+                            headers={"Retry-After": str(s.retry_after_s)})
+    params = await to_thread.run_sync(_validate, svc, team, req)
+    try:
+        job, created = await to_thread.run_sync(lambda: svc.jobs.create(
+            team, req.kind, params, max_attempts=s.max_attempts, idempotency_key=idempotency_key,
+            request_hash=body_hash))
+    except IdempotencyConflict as e:
+        raise HTTPException(409, str(e)) from None
+    if created:
+        log.info("job accepted", extra={"job_id": job.id, "kind": job.kind, "team": team})
+        await to_thread.run_sync(dispatch, svc.jobs, svc.celery, job.id, job.kind)
+        job = svc.jobs.get(job.id) or job
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(svc: Svc, team: Team, kind: Literal[KINDS] | None = None,  # type: ignore[valid-type]
+                    state: Literal[STATES] | None = None,  # type: ignore[valid-type]
+                    limit: int = Query(50, ge=1, le=200), cursor: int | None = Query(None, ge=1)) -> JobList:
+    """Newest first. Filter by kind and state; page with `cursor`."""
+    jobs = await to_thread.run_sync(lambda: svc.jobs.list(team, kind=kind, state=state, limit=limit + 1,
+                                                          before_seq=cursor))
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return JobList(jobs=[job_out(j) for j in jobs], next_cursor=jobs[-1].seq if more and jobs else None)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
+async def get_job(job_id: str, svc: Svc, team: Team) -> JobOut:
+    return job_out(await to_thread.run_sync(_get, svc, job_id, team))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={
+    **NOT_FOUND, 409: {"description": "the job already finished"}})
+async def cancel_job(job_id: str, svc: Svc, team: Team) -> JobOut:
+    """Queued jobs are cancelled at once; running ones stop at their next step."""
+    job = await to_thread.run_sync(_get, svc, job_id, team)
+    if job.state in ("succeeded", "failed"):
+        raise HTTPException(409, f"job {job_id} already {job.state}")
+    job = await to_thread.run_sync(svc.jobs.request_cancel, job_id, team)
+    log.info("cancel requested", extra={"job_id": job_id, "team": team})
+    return job_out(job)
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses={
+    **NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with Accept: text/event-stream"}})
+async def job_events(job_id: str, request: Request, svc: Svc, team: Team,
+                     after: int = Query(0, ge=0, description="only events with seq > after"),
+                     limit: int = Query(500, ge=1, le=5000)):
+    """State changes and progress (phase, current/total, ETA; step and loss for finetune)."""
+    job = await to_thread.run_sync(_get, svc, job_id, team)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        events = await to_thread.run_sync(svc.jobs.events, job_id, after, limit)
+        return EventList(events=events, state=job.state)
+
+    async def sse():
+        last = after
+        while True:
+            events = await to_thread.run_sync(svc.jobs.events, job_id, last, 500)
+            for e in events:
+                last = e["seq"]
+                yield f"id: {e['seq']}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n"
+            if not events:
+                current = await to_thread.run_sync(svc.jobs.get, job_id)
+                if current is None or current.state in TERMINAL:
+                    tail = await to_thread.run_sync(svc.jobs.events, job_id, last, 500)
+                    for e in tail:
+                        yield f"id: {e['seq']}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n"
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.25)
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

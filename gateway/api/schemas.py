@@ -1,0 +1,201 @@
+"""Request and response models of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", description="checkpoint name")]
+Dtype = Literal["fp32", "fp16", "bf16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConvertJob(_Strict):
+    """HF checkpoint (uploaded) -> native checkpoint at a TP/PP layout."""
+    kind: Literal["convert"]
+    source: Name
+    output: Name | None = None
+    target_tp: int = Field(1, ge=1, le=64)
+    target_pp: int = Field(1, ge=1, le=64)
+    dtype: Dtype | None = None
+    make_vocab_size_divisible_by: int = Field(128, ge=1, le=65536)
+    true_vocab_size: int | None = Field(None, ge=1)
+    check_parity: bool = Field(True, description="run the converted model against the source and store the parity report")
+
+
+class ReshardJob(_Strict):
+    """Native checkpoint -> native checkpoint at another TP/PP layout."""
+    kind: Literal["reshard"]
+    source: Name
+    output: Name | None = None
+    target_tp: int = Field(1, ge=1, le=64)
+    target_pp: int = Field(1, ge=1, le=64)
+    dtype: Dtype | None = None
+    check_parity: bool = True
+
+
+class ExportJob(_Strict):
+    """Native checkpoint -> HF checkpoint."""
+    kind: Literal["export"]
+    source: Name
+    output: Name | None = None
+    dtype: Dtype | None = None
+    check_parity: bool = True
+
+
+class FinetuneJob(_Strict):
+    kind: Literal["finetune"]
+    source: Name
+    output: Name | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="training settings (see the training docs)")
+
+
+class EvalJob(_Strict):
+    kind: Literal["eval"]
+    source: Name
+    tasks: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(min_length=1, max_length=64)
+    limit: int | None = Field(None, ge=1)
+
+
+class GenerateJob(_Strict):
+    """Batch generation; results are kept in the job record."""
+    kind: Literal["generate"]
+    model: Name
+    prompts: list[str] = Field(min_length=1)
+    tokens_to_generate: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_k: int = Field(0, ge=0, le=1000)
+    top_p: float = Field(0.0, ge=0, le=1)
+    random_seed: int | None = Field(None, ge=0)
+
+
+JobRequest = Annotated[Union[ConvertJob, ReshardJob, ExportJob, FinetuneJob, EvalJob, GenerateJob],
+                       Field(discriminator="kind")]
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    params: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: int | None = Field(None, description="pass as `cursor` for the next (older) page")
+
+
+class JobEvent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    seq: int
+    ts: float
+    type: str
+
+
+class EventList(BaseModel):
+    events: list[JobEvent]
+    state: str
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    format: str | None = None
+    committed_at: float
+    bytes: int
+    files: dict[str, dict[str, Any]]
+    layout: dict[str, Any] | None = None
+    dtype: str | None = None
+    model: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
+    service: dict[str, Any] | None = None
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointOut]
+
+
+# ---- generation --------------------------------------------------------------------------
+class MegatronRequest(BaseModel):
+    """Megatron's `PUT /api` body, plus `model` naming a checkpoint."""
+    model: Name | None = None
+    prompts: list[str] = Field(min_length=1, max_length=128)
+    tokens_to_generate: int = Field(64, ge=0)
+    logprobs: bool = False
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_k: int = Field(0, ge=0, le=1000)
+    top_p: float = Field(0.0, ge=0, le=1)
+    top_p_decay: float = Field(0.0, ge=0, le=1)
+    top_p_bound: float = Field(0.0, ge=0, le=1)
+    add_BOS: bool = False
+    stop_on_eol: bool = False
+    stop_on_double_eol: bool = False
+    prevent_newline_after_colon: bool = False
+    random_seed: int | None = Field(None, ge=0)
+    no_log: bool = False
+    beam_width: int | None = Field(None, ge=1)
+    stop_token: int | None = Field(None, ge=0)
+    length_penalty: float = 1.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > 0 and self.top_p > 0:
+            raise ValueError("top_k and top_p cannot both be set")
+        if self.tokens_to_generate == 0 and not self.logprobs:
+            raise ValueError("tokens_to_generate=0 is scoring mode and needs logprobs=true")
+        return self
+
+
+class MegatronResponse(BaseModel):
+    text: list[str]
+    segments: list[list[str]]
+    logprobs: list[list[float]] | None = None
+
+
+class _OpenAIBase(BaseModel):
+    model: Name
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    top_k: int = Field(0, ge=0, le=1000)
+    n: Literal[1] = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = Field(None, ge=0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str
+    echo: bool = False
+    logprobs: None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]

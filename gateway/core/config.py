@@ -1,0 +1,94 @@
+"""All settings of the gateway and the workers: one pydantic-settings class (env prefix LLAMA_SVC_)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_DEV_KEY = "local-dev-key"
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAMA_SVC_", extra="ignore")
+
+    environment: Literal["local", "production"] = "local"
+    data_dir: Path = _ROOT / ".data" / "service"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # file:///dir (default: <data_dir>/objects) or s3://KEY:SECRET@host:port/bucket?secure=false
+    storage_url: str = ""
+    jobs_db: Path | None = None
+    # sha256(api key) -> team. Generate with: python -c "import hashlib;print(hashlib.sha256(b'KEY').hexdigest())"
+    api_keys: dict[str, str] = Field(default_factory=dict)
+
+    # limits
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 30
+    max_prompts: int = 128
+    max_prompt_chars: int = 32_768
+    max_new_tokens: int = 2048
+    max_active_jobs_per_team: int = 16
+    retry_after_s: int = 10
+
+    # job lifecycle
+    max_attempts: int = 2
+    heartbeat_s: float = 5.0
+    stale_after_s: float = 60.0          # a running job without a heartbeat this long lost its worker
+    redispatch_after_s: float = 30.0     # a queued job whose message left Redis this long ago is re-published
+    reaper_interval_s: float = 5.0
+    cancel_grace_s: float = 10.0         # after a cancel request, the job's process group is killed after this
+    generate_timeout_s: float = 300.0
+    visibility_timeout_s: int = 3600
+
+    # generation worker
+    model_cache_bytes: int = 8 << 30
+
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v):
+        if isinstance(v, str):
+            v = json.loads(v) if v.strip() else {}
+        for h in v:
+            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise ValueError("api_keys maps sha256 hex digests (64 lowercase hex chars) of keys to teams, not raw keys")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self):
+        if self.environment == "production":
+            if not self.api_keys:
+                raise ValueError("LLAMA_SVC_API_KEYS must be set in production (no built-in development key)")
+            if not self.storage_url.startswith("s3://"):
+                raise ValueError("production needs LLAMA_SVC_STORAGE_URL=s3://... (the local directory store is for local use)")
+        return self
+
+    @property
+    def team_of_hash(self) -> dict[str, str]:
+        if self.api_keys:
+            return dict(self.api_keys)
+        return {hash_key(LOCAL_DEV_KEY): "local"}  # local use only (refused in production)
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'objects').resolve()}"
+
+    @property
+    def jobs_db_path(self) -> Path:
+        return self.jobs_db or self.data_dir / "jobs.sqlite3"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

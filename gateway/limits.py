@@ -1,0 +1,60 @@
+"""Request-size limit that counts the bytes actually received (Content-Length can lie or be absent)."""
+
+from __future__ import annotations
+
+import json
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: 413 once a body exceeds its limit (uploads get a larger one)."""
+
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                return await _reply(send, 400, "invalid Content-Length header")
+            if too_big:
+                return await _reply(send, 413, f"request body over the {limit}-byte limit")
+        seen, started, answered = 0, False, False
+
+        async def counting_receive():
+            # Over the limit: answer 413 now and tell the app the client left (no parsing of the rest).
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    if not started:
+                        answered = True
+                        await _reply(send, 413, f"request body over the {limit}-byte limit")
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            if answered:
+                return
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        await self.app(scope, counting_receive, tracking_send)
+
+
+async def _reply(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

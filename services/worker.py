@@ -1,0 +1,321 @@
+"""The Celery app and the ONE decorator owning job policy.
+
+Policy (see ``shared.jobs.transport`` for the delivery design): a job message is acknowledged
+when a worker starts it; the worker claims the job record with the message's dispatch token
+(stale or duplicate messages are dropped), then supervises the job: heavy work runs in a
+spawned child process in its own process group (never CUDA in a forked child), the supervisor
+refreshes the record's heartbeat, and a cancel request (a flag in the record, also checked by
+the child between steps) ends in killing the child's process group after a grace period. The
+child dies with its supervisor (PR_SET_PDEATHSIG), so a SIGKILLed worker leaves no orphan
+writing output; the reaper then re-queues or fails the job. The outcome is written with the
+attempt number as a fencing token, so each job ends in exactly one terminal state.
+
+Run a worker:  celery -A services.worker worker -Q convert --pool solo -n convert@%h
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from celery import signals
+
+from gateway.core.config import get_settings
+from shared.jobs import CANCELLED, FAILED, SUCCEEDED, Job, JobStore
+from shared.jobs.logs import job_id_var, setup_json_logging
+from shared.jobs.transport import make_celery, job_task_name
+from shared.storage import CheckpointStore, open_store
+
+log = logging.getLogger("llama_svc.worker")
+settings = get_settings()
+app = make_celery(settings.redis_url, visibility_timeout=settings.visibility_timeout_s)
+app.conf.include = ["services.convert.tasks", "services.train.tasks", "services.generate.tasks"]
+
+EXIT_CANCELLED = 3
+_stores: dict[str, object] = {}
+
+
+def job_store() -> JobStore:
+    if "jobs" not in _stores:
+        _stores["jobs"] = JobStore(settings.jobs_db_path)
+    return _stores["jobs"]
+
+
+def checkpoint_store() -> CheckpointStore:
+    if "ckpt" not in _stores:
+        _stores["ckpt"] = CheckpointStore(open_store(settings.storage))
+    return _stores["ckpt"]
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobFailed(Exception):
+    pass
+
+
+class OwnershipLost(Exception):
+    """The reaper re-queued or failed this attempt (our heartbeat was judged stale)."""
+
+
+# ---------------------------------------------------------------- the supervisor side
+class JobContext:
+    """Given to a job function running in the worker; a thread keeps the record's heartbeat."""
+
+    def __init__(self, job: Job, store: JobStore):
+        self.job, self.store = job, store
+        self.lost, self.cancel = threading.Event(), threading.Event()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"heartbeat-{job.id[:8]}")
+
+    def __enter__(self) -> "JobContext":
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join(timeout=5)
+
+    def _heartbeat(self) -> None:
+        store = JobStore(self.store.path)  # own connection: sqlite connections are per thread
+        while not self._stop.wait(settings.heartbeat_s):
+            try:
+                current = store.heartbeat(self.job.id, self.job.attempts)
+            except Exception as e:  # a busy database must not kill the job; the next beat retries
+                log.warning("heartbeat failed: %s", e, extra={"job_id": self.job.id})
+                continue
+            if current is None:
+                self.lost.set()
+                return
+            if current.cancel_requested:
+                self.cancel.set()
+
+    def should_cancel(self) -> bool:
+        return self.cancel.is_set() or self.lost.is_set()
+
+    def run_child(self, target: str, *, env: dict | None = None) -> dict:
+        """Run ``module:function(job, ChildContext) -> dict`` in a spawned process group."""
+        job = self.job
+        with tempfile.TemporaryDirectory(prefix=f"job-{job.id[:8]}-") as tmp:
+            result_path = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "services.worker", "--child", job.id, str(job.attempts), target,
+                   str(result_path), str(os.getpid())]
+            proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})
+            try:
+                rc = self._supervise(proc)
+            finally:
+                _kill_group(proc.pid)
+            out = json.loads(result_path.read_text()) if result_path.exists() else {}
+        if rc == 0 and "result" in out:
+            return out["result"]
+        if rc == EXIT_CANCELLED or self.cancel.is_set():
+            raise JobCancelled(out.get("error") or "cancelled")
+        reason = out.get("error") or (f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
+        raise JobFailed(reason)
+
+    def _supervise(self, proc: subprocess.Popen) -> int:
+        cancel_seen = None
+        while True:
+            try:
+                return proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.lost.is_set():
+                _kill_group(proc.pid)
+                proc.wait()
+                raise OwnershipLost(self.job.id)
+            if self.cancel.is_set() and cancel_seen is None:
+                cancel_seen = time.time()
+                log.info("cancel requested; the job stops at its next step")
+            if cancel_seen is not None and time.time() - cancel_seen > settings.cancel_grace_s:
+                log.warning("job did not stop within %.0fs of a cancel; killing its process group",
+                            settings.cancel_grace_s)
+                _kill_group(proc.pid)
+                proc.wait()
+                return -signal.SIGKILL
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ---------------------------------------------------------------- the decorator
+def job_task(queue: str) -> Callable:
+    """Register ``fn(job, ctx) -> result dict`` as the job task of ``queue``."""
+
+    def deco(fn: Callable[[Job, JobContext], dict]):
+        @app.task(name=job_task_name(queue), acks_late=False, ignore_result=True)
+        def task(job_id: str, dispatch: int) -> None:
+            run_job(fn, job_id, dispatch)
+
+        task.job_fn = fn
+        return task
+
+    return deco
+
+
+def run_job(fn: Callable[[Job, JobContext], dict], job_id: str, dispatch: int) -> str | None:
+    store = job_store()
+    token = job_id_var.set(job_id)
+    try:
+        job = store.claim(job_id, dispatch, worker=f"{socket.gethostname()}:{os.getpid()}", pid=os.getpid())
+        if job is None:
+            log.info("dropping stale or duplicate message (dispatch %s)", dispatch)
+            return None
+        log.info("job started (attempt %d/%d)", job.attempts, job.max_attempts, extra={"kind": job.kind})
+        try:
+            with JobContext(job, store) as ctx:
+                result = fn(job, ctx)
+                if ctx.lost.is_set():
+                    raise OwnershipLost(job.id)
+            state, kw = SUCCEEDED, {"result": result}
+        except JobCancelled:
+            state, kw = CANCELLED, {}
+        except OwnershipLost:
+            log.warning("this attempt no longer owns the job; leaving it to its new owner")
+            return None
+        except Exception as e:
+            state, kw = FAILED, {"error": f"{type(e).__name__}: {e}" if not isinstance(e, JobFailed) else str(e)}
+        if not store.finish(job.id, job.attempts, state, **kw):
+            log.warning("could not record %s: the job moved on", state)
+            return None
+        log.info("job %s", state, extra={"kind": job.kind, **({"error": kw["error"]} if "error" in kw else {})})
+        return state
+    finally:
+        job_id_var.reset(token)
+
+
+# ---------------------------------------------------------------- the child side
+class ChildContext:
+    """Given to the heavy function in the child: progress reporting and cancellation checks."""
+
+    def __init__(self, job: Job, store: JobStore, parent_pid: int):
+        self.job, self.store, self.parent_pid = job, store, parent_pid
+        self._last_progress, self._last_phase, self._last_check, self._cancel = 0.0, None, 0.0, False
+        self.workdir = settings.data_dir / "work" / job.id
+        self.checkpoints = checkpoint_store()
+
+    def progress(self, p) -> None:
+        """Accepts a dataclass (e.g. shared.checkpoint.convert.Progress) or a dict; throttled."""
+        d = p if isinstance(p, dict) else (dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(vars(p)))
+        now = time.time()
+        phase_changed = d.get("phase") != self._last_phase
+        done = d.get("total") and d.get("current") == d.get("total")
+        if not (phase_changed or done or now - self._last_progress >= 0.5):
+            return
+        self._last_progress, self._last_phase = now, d.get("phase")
+        self.store.set_progress(self.job.id, self.job.attempts, {**d, "ts": now})
+
+    def should_cancel(self) -> bool:
+        if self._cancel:
+            return True
+        if os.getppid() != self.parent_pid:  # our supervisor is gone
+            self._cancel = True
+            return True
+        now = time.time()
+        if now - self._last_check >= 0.25:
+            self._last_check = now
+            j = self.store.get(self.job.id)
+            self._cancel = j is None or j.cancel_requested or j.state != "running" or j.attempts != self.job.attempts
+        return self._cancel
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def child_main(job_id: str, attempt: int, target: str, result_path: str, parent_pid: int) -> int:
+    _die_with_parent(parent_pid)
+    setup_json_logging(settings.log_level)
+    job_id_var.set(job_id)
+    threads = os.environ.get("LLAMA_SVC_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    store = JobStore(settings.jobs_db_path)
+    job = store.get(job_id)
+    if job is None or job.attempts != attempt:
+        return 1
+    ctx = ChildContext(job, store, parent_pid)
+    mod, fn_name = target.split(":")
+    fn = getattr(importlib.import_module(mod), fn_name)
+    out = Path(result_path)
+    try:
+        result = fn(job, ctx)
+        out.write_text(json.dumps({"result": result}))
+        return 0
+    except Exception as e:
+        cancelled = type(e).__name__ in ("Cancelled", "JobCancelled")
+        msg = "cancelled" if cancelled else f"{type(e).__name__}: {e}"
+        if not cancelled:
+            log.exception("job failed")
+        out.write_text(json.dumps({"error": msg}))
+        return EXIT_CANCELLED if cancelled else 1
+
+
+# ---------------------------------------------------------------- worker liveness
+ALIVE_FILE = Path(tempfile.gettempdir()) / "llama-svc-worker-alive"
+
+
+@signals.worker_ready.connect
+def _on_ready(sender=None, **_):
+    setup_json_logging(settings.log_level)
+    try:
+        queues = sorted(app.amqp.queues.consume_from)
+    except Exception:
+        queues = []
+
+    def beat():
+        import redis
+
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        while True:
+            try:
+                ALIVE_FILE.touch()
+                for q in queues:
+                    r.set(f"llama_svc:worker:{q}:{socket.gethostname()}:{os.getpid()}", time.time(), ex=15)
+            except Exception:
+                pass
+            time.sleep(5)
+
+    threading.Thread(target=beat, daemon=True, name="liveness").start()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        job_id, attempt, target, result_path, parent = argv[1:6]
+        return child_main(job_id, int(attempt), target, result_path, int(parent))
+    if argv[:1] == ["--health"]:
+        fresh = ALIVE_FILE.exists() and time.time() - ALIVE_FILE.stat().st_mtime < 30
+        return 0 if fresh else 1
+    print("usage: python -m services.worker --health | celery -A services.worker worker -Q QUEUE --pool solo",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

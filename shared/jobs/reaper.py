@@ -1,0 +1,49 @@
+"""Recovery of jobs whose worker died or whose message Redis lost (see transport.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from .state import QUEUE_OF, QUEUED
+from .store import JobStore
+from .transport import message_id, publish_job, queued_message_ids
+
+log = logging.getLogger("llama_svc.reaper")
+
+
+def dispatch(store: JobStore, app, job_id: str, kind: str) -> bool:
+    """Bump the dispatch token and publish; a failed publish is retried by the reaper later."""
+    token = store.mark_dispatched(job_id)
+    if token is None:
+        return False
+    try:
+        publish_job(app, job_id, kind, token)
+        return True
+    except Exception as e:  # Redis down: the job stays queued and on record
+        log.warning("publish failed, will retry: %s", e, extra={"job_id": job_id})
+        return False
+
+
+def reap_once(store: JobStore, app, redis_client, *, stale_after_s: float, redispatch_after_s: float) -> dict:
+    stats = {"requeued": 0, "failed": 0, "redispatched": 0}
+    for job in store.stale_running(stale_after_s):
+        new = store.recover_lost(job, f"worker {job.worker} lost (no heartbeat for {stale_after_s:.0f}s)")
+        log.warning("recovered lost job -> %s", new, extra={"job_id": job.id})
+        if new == QUEUED:
+            stats["requeued"] += 1
+            dispatch(store, app, job.id, job.kind)
+        elif new:
+            stats["failed"] += 1
+    waiting = store.undispatched(redispatch_after_s)
+    if waiting:
+        present: dict[str, set[str]] = {}
+        for job in waiting:
+            q = QUEUE_OF[job.kind]
+            if q not in present:
+                present[q] = queued_message_ids(redis_client, q)
+            if job.dispatch and message_id(job.id, job.dispatch) in present[q]:
+                continue
+            log.info("re-publishing queued job (message missing)", extra={"job_id": job.id})
+            if dispatch(store, app, job.id, job.kind):
+                stats["redispatched"] += 1
+    return stats

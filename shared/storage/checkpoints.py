@@ -1,0 +1,189 @@
+"""Checkpoints in an object store: committed by writing ``manifest.json`` last.
+
+Layout: ``checkpoints/<team>/<name>/<relative file path>``. A checkpoint exists once its
+manifest exists; files without a manifest are the leftovers of an interrupted commit and are
+invisible (and replaced by the next commit of that name). The manifest lists every file with
+its size and sha256 under ``storage.files``; fetching verifies each one. When the source
+directory already has a ``manifest.json`` (a native checkpoint written by the converter), its
+content is kept and the storage section is added beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .base import ObjectNotFound, ObjectStore, StorageError
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+class IntegrityError(StorageError):
+    """A fetched file does not match the sha256 its manifest lists."""
+
+
+class CheckpointNotFound(StorageError, KeyError):
+    pass
+
+
+class CheckpointExists(StorageError):
+    pass
+
+
+class CommitCancelled(StorageError):
+    """The commit was stopped by its caller; nothing became visible."""
+
+
+def check_name(name: str, what: str = "checkpoint name") -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ValueError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _listed_hashes(manifest: dict) -> dict[str, str]:
+    """sha256 per file as a converter manifest may list them: a list of {path, sha256} or a map."""
+    files = manifest.get("files")
+    out = {}
+    if isinstance(files, list):
+        for f in files:
+            if isinstance(f, dict) and "sha256" in f and ("path" in f or "name" in f):
+                out[f.get("path") or f["name"]] = f["sha256"]
+    elif isinstance(files, dict):
+        for k, v in files.items():
+            sha = v.get("sha256") if isinstance(v, dict) else v
+            if isinstance(sha, str):
+                out[k] = sha
+    return out
+
+
+class CheckpointStore:
+    def __init__(self, store: ObjectStore, prefix: str = "checkpoints"):
+        self.store = store
+        self.prefix = prefix
+
+    def _key(self, team: str, name: str, rel: str = "") -> str:
+        return f"{self.prefix}/{check_name(team, 'team')}/{check_name(name)}/{rel}"
+
+    # ---- writing ----
+    def commit(self, team: str, name: str, src: Path, *, meta: dict | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None) -> dict:
+        """Upload every file under ``src`` then the manifest; return the stored manifest."""
+        src = Path(src)
+        if self.exists(team, name):
+            raise CheckpointExists(f"checkpoint {name!r} already exists; choose another name or delete it first")
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.relative_to(src).as_posix() != MANIFEST)
+        if not files:
+            raise ValueError(f"{src} holds no files to commit")
+        base = {}
+        if (src / MANIFEST).is_file():
+            base = json.loads((src / MANIFEST).read_text())
+        listed = _listed_hashes(base)
+        self.store.delete_prefix(self._key(team, name))  # leftovers of an interrupted commit
+        entries, total, done = {}, sum(p.stat().st_size for p in files), 0
+        for p in files:
+            if should_cancel is not None and should_cancel():
+                self.store.delete_prefix(self._key(team, name))
+                raise CommitCancelled(f"commit of {name!r} cancelled before its manifest; nothing is visible")
+            rel = p.relative_to(src).as_posix()
+            digest = sha256_file(p)
+            if rel in listed and listed[rel] != digest:
+                raise IntegrityError(f"{rel}: sha256 {digest} differs from the source manifest's {listed[rel]}")
+            self.store.put_file(self._key(team, name, rel), p)
+            entries[rel] = {"size": p.stat().st_size, "sha256": digest}
+            done += p.stat().st_size
+            if progress:
+                progress(done, total)
+        manifest = dict(base)
+        manifest.update(meta or {})
+        manifest["storage"] = {"team": team, "name": name, "committed_at": time.time(),
+                               "files": entries, "bytes": total}
+        self.store.put_bytes(self._key(team, name, MANIFEST), json.dumps(manifest, indent=2).encode())
+        return manifest
+
+    def delete(self, team: str, name: str) -> None:
+        # Manifest first: the checkpoint disappears atomically, then its files go.
+        self.store.delete(self._key(team, name, MANIFEST))
+        self.store.delete_prefix(self._key(team, name))
+
+    # ---- reading ----
+    def exists(self, team: str, name: str) -> bool:
+        return self.store.exists(self._key(team, name, MANIFEST))
+
+    def manifest(self, team: str, name: str) -> dict:
+        try:
+            return json.loads(self.store.get_bytes(self._key(team, name, MANIFEST)))
+        except ObjectNotFound:
+            raise CheckpointNotFound(name) from None
+
+    def list(self, team: str) -> list[dict]:
+        out = []
+        for name in self.store.list_dirs(f"{self.prefix}/{check_name(team, 'team')}/"):
+            try:
+                out.append(self.manifest(team, name))
+            except (CheckpointNotFound, ValueError):
+                continue  # uncommitted
+        return out
+
+    def file_info(self, team: str, name: str, rel: str) -> dict:
+        files = self.manifest(team, name)["storage"]["files"]
+        if rel not in files:
+            raise CheckpointNotFound(f"{name}/{rel}")
+        return files[rel]
+
+    def iter_file(self, team: str, name: str, rel: str) -> Iterator[bytes]:
+        """Stream one file, raising IntegrityError at the end if its sha256 does not match."""
+        info = self.file_info(team, name, rel)
+        chunks = self.store.iter_chunks(self._key(team, name, rel))
+
+        def gen():
+            h = hashlib.sha256()
+            for c in chunks:
+                h.update(c)
+                yield c
+            if h.hexdigest() != info["sha256"]:
+                raise IntegrityError(f"{name}/{rel}: sha256 mismatch")
+
+        return gen()
+
+    def fetch(self, team: str, name: str, dest: Path) -> Path:
+        """Download into ``dest`` (verified); ``dest/manifest.json`` is written last.
+
+        A ``dest`` that already holds the same committed manifest is reused as a cache.
+        """
+        dest = Path(dest)
+        manifest = self.manifest(team, name)
+        if (dest / MANIFEST).is_file() and json.loads((dest / MANIFEST).read_text()) == manifest:
+            return dest
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            for rel, info in manifest["storage"]["files"].items():
+                out = tmp / rel
+                self.store.get_file(self._key(team, name, rel), out)
+                digest = sha256_file(out)
+                if digest != info["sha256"]:
+                    raise IntegrityError(f"{name}/{rel}: sha256 {digest} does not match the manifest's {info['sha256']}")
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
