@@ -1,0 +1,129 @@
+"""``python -m services.convert``: the checkpoint converter's command line.
+
+Takes Megatron-LM's ``tools/checkpoint/convert.py`` flags verbatim, so the documented commands
+work as written, e.g.::
+
+    python -m services.convert --model-type GPT --loader llama_mistral --saver mcore \
+        --checkpoint-type hf --model-size llama2-7B --load-dir ./Llama-2-7b-hf \
+        --save-dir ./llama2-7b-tp2 --tokenizer-model ./Llama-2-7b-hf/tokenizer.model \
+        --target-tensor-parallel-size 2 --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from shared.checkpoint.presets import PRESETS
+
+EPILOG = """\
+examples:
+  HF -> this project's format at TP2 (bf16):
+    python -m services.convert --model-type GPT --loader llama_mistral --checkpoint-type hf \\
+      --saver mcore --load-dir HF_DIR --save-dir OUT --target-tensor-parallel-size 2 --bf16
+  Meta (consolidated.*.pth) -> TP1:
+    python -m services.convert --loader llama_mistral --checkpoint-type meta --model-size llama2-7B \\
+      --load-dir META_DIR --tokenizer-model META_DIR/tokenizer.model --save-dir OUT
+  reshard a converted checkpoint to TP1 x PP2:
+    python -m services.convert --loader mcore --saver mcore --load-dir OUT --save-dir OUT_PP2 \\
+      --target-pipeline-parallel-size 2
+  export to HF:              --loader mcore --saver hf --load-dir OUT --save-dir HF_OUT
+  Megatron-LM's layout:      --saver megatron --ckpt-format torch
+
+exit status: 0 success, 2 bad input (one line on stderr saying what to fix), 130 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert Llama-family checkpoints (HF, Meta) into a Megatron-style tensor/pipeline-parallel "
+                    "checkpoint, reshard one, or export it to HF or Megatron-LM's layout. The architecture is "
+                    "always read from the source (config.json / params.json / the checkpoint's manifest).",
+        epilog=EPILOG)
+    p.add_argument("--model-type", default="GPT", choices=["GPT"],
+                   help="model family; only GPT (decoder-only) exists. Accepted for compatibility with Megatron-LM")
+    p.add_argument("--loader", default="llama_mistral", choices=["llama_mistral", "mcore"],
+                   help="llama_mistral: an HF or Meta Llama/Mistral checkpoint (see --checkpoint-type); "
+                        "mcore: a checkpoint this tool wrote, or Megatron-LM's torch layout (default: %(default)s)")
+    p.add_argument("--saver", default="mcore", choices=["mcore", "megatron", "hf"],
+                   help="mcore / megatron: a Megatron-style sharded checkpoint (format from --ckpt-format; both "
+                        "names write megatron-core parameter names); hf: an HF checkpoint (default: %(default)s)")
+    p.add_argument("--checkpoint-type", default="hf", choices=["hf", "meta"],
+                   help="with --loader llama_mistral: hf (config.json + safetensors/bin) or meta "
+                        "(params.json + consolidated.NN.pth) (default: %(default)s)")
+    p.add_argument("--model-size", choices=sorted(PRESETS), metavar="PRESET",
+                   help="optional cross-check of the source's architecture against a known model "
+                        f"({', '.join(PRESETS)}); a disagreement is an error")
+    p.add_argument("--load-dir", required=True, type=Path, help="the source checkpoint directory")
+    p.add_argument("--save-dir", required=True, type=Path,
+                   help="the output directory; must be empty or absent unless --overwrite")
+    p.add_argument("--tokenizer-model", type=Path,
+                   help="a SentencePiece tokenizer.model file or an HF tokenizer directory (default: the one "
+                        "inside --load-dir). It is copied into the output")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP",
+                   help="tensor-parallel size of the output; must divide heads, kv heads and FFN (default: 1)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP",
+                   help="pipeline-parallel size of the output; must divide the layer count (default: 1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--bf16", action="store_const", dest="dtype", const="bf16", help="store weights in bfloat16")
+    g.add_argument("--fp16", action="store_const", dest="dtype", const="fp16", help="store weights in float16")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], dest="dtype",
+                   help="store weights in this dtype (default: the source's dtype)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="M",
+                   help="pad the vocabulary to a multiple of M x TP, as Megatron does (default: %(default)s)")
+    p.add_argument("--true-vocab-size", type=int, metavar="V",
+                   help="the real vocabulary size when the source embedding has extra rows (default: config.json's)")
+    p.add_argument("--ckpt-format", default="native", choices=["native", "torch"],
+                   help="native: per-rank safetensors + manifest (loads in this project's services); torch: "
+                        "Megatron-LM's iter_0000001/mp_rank_*/model_optim_rng.pt layout (default: %(default)s)")
+    p.add_argument("--saver-transformer-impl", default="local", choices=["local", "transformer_engine"],
+                   help="parameter names for --ckpt-format torch: megatron-core's local layer spec or the "
+                        "Transformer Engine spec (norms fused into the linears); same weights (default: %(default)s)")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the parity check (logits and greedy tokens against HF transformers on the source "
+                        "weights), which otherwise runs when the model fits in memory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --save-dir; the old contents stay until the new checkpoint is complete")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    from shared.checkpoint.convert import Cancelled, ConvertOptions, convert
+    from shared.checkpoint.progress import TerminalProgress
+
+    opts = ConvertOptions(
+        load_dir=args.load_dir, save_dir=args.save_dir, loader=args.loader, checkpoint_type=args.checkpoint_type,
+        saver=args.saver, ckpt_format=args.ckpt_format, target_tp=args.target_tensor_parallel_size,
+        target_pp=args.target_pipeline_parallel_size, dtype=args.dtype, tokenizer_model=args.tokenizer_model,
+        model_size=args.model_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        true_vocab_size=args.true_vocab_size, validate=args.validate, overwrite=args.overwrite,
+        transformer_impl=args.saver_transformer_impl,
+        command="python -m services.convert " + " ".join(shlex.quote(a) for a in argv))
+    try:
+        result = convert(opts, progress=TerminalProgress(sys.stderr))
+    except (ValueError, OSError) as e:  # every input problem is a ValueError subclass with its fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130
+    parity = result.get("parity") or {}
+    if parity.get("passed"):
+        print(f"validated: max |dlogits| {parity['max_abs_logit_diff']:.3g}, greedy agreement "
+              f"{parity['greedy_agreement']:.0%}", file=sys.stderr)
+    elif parity.get("skipped"):
+        print(f"validation skipped: {parity['skipped']}", file=sys.stderr)
+    print(result["save_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Checkpoint conversion as one pure function, shared by the CLI and the conversion service.
+
+Sources (HF-named tensors, read one at a time): an HF directory, a Meta directory, this
+project's native checkpoint, or Megatron-LM's torch layout. Targets: the native format,
+Megatron-LM's torch layout, or HF. Everything goes to a staging directory beside
+``save_dir`` that replaces it only when complete (and validated); a cancelled or failed
+conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from shared.config import ModelConfig
+from shared.checkpoint import hf as hf_fmt
+from shared.checkpoint import layout as L
+from shared.checkpoint import megatron_lm, meta, native, parity
+from shared.checkpoint.layout import Layout
+from shared.checkpoint.presets import check_preset
+from shared.checkpoint.progress import Progress, ProgressTracker
+from shared.checkpoint.safe_io import (
+    CheckpointError, TensorSource, check_hf_shapes, check_save_dir, dtype_name, parse_dtype, sha256_file,
+    staging_dir,
+)
+from shared import tokenizer as tok
+
+__all__ = ["ConvertOptions", "Progress", "Cancelled", "convert"]
+
+LOADERS = ("llama_mistral", "mcore")
+CHECKPOINT_TYPES = ("hf", "meta")
+SAVERS = ("mcore", "megatron", "hf")
+CKPT_FORMATS = ("native", "torch")
+
+
+@dataclass
+class ConvertOptions:
+    load_dir: Path
+    save_dir: Path
+    loader: str = "llama_mistral"        # llama_mistral (HF or Meta source) | mcore (native or Megatron-LM torch layout)
+    checkpoint_type: str = "hf"          # hf | meta  (for llama_mistral)
+    saver: str = "mcore"                 # mcore | megatron | hf
+    ckpt_format: str = "native"          # native | torch
+    target_tp: int = 1
+    target_pp: int = 1
+    dtype: str | None = None             # bf16|fp16|fp32; None = the source's dtype
+    tokenizer_model: Path | None = None
+    model_size: str | None = None        # preset cross-check
+    make_vocab_size_divisible_by: int = 128
+    true_vocab_size: int | None = None
+    validate: bool = True
+    overwrite: bool = False
+    transformer_impl: str = "local"
+    command: str | None = None           # recorded in the provenance (the CLI passes its argv)
+
+
+class Cancelled(Exception):
+    """The conversion was cancelled by ``should_cancel``; nothing was written."""
+
+
+@dataclass
+class _Source:
+    kind: str                      # hf | meta | native | megatron-lm
+    cfg: ModelConfig
+    tensors: TensorSource
+    dtype: torch.dtype
+    raw_config: dict[str, Any] | None
+    generation: dict[str, Any] | None
+    tokenizer_src: Path | None
+    files: list[Path]
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CheckpointError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_options(o: ConvertOptions) -> None:
+    _choice("--loader", o.loader, LOADERS)
+    _choice("--checkpoint-type", o.checkpoint_type, CHECKPOINT_TYPES)
+    _choice("--saver", o.saver, SAVERS)
+    _choice("--ckpt-format", o.ckpt_format, CKPT_FORMATS)
+    _choice("--saver-transformer-impl", o.transformer_impl, megatron_lm.IMPLS)
+    parse_dtype(o.dtype)
+    for name, v in (("--target-tensor-parallel-size", o.target_tp), ("--target-pipeline-parallel-size", o.target_pp),
+                    ("--make-vocab-size-divisible-by", o.make_vocab_size_divisible_by)):
+        if v < 1:
+            raise CheckpointError(f"{name} must be >= 1, got {v}")
+    if not Path(o.load_dir).is_dir():
+        raise CheckpointError(f"--load-dir {o.load_dir} does not exist or is not a directory")
+    if Path(o.load_dir).resolve() == Path(o.save_dir).resolve():
+        raise CheckpointError("--save-dir must differ from --load-dir")
+    check_save_dir(Path(o.save_dir), o.overwrite)
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+def _tokenizer_source(o: ConvertOptions, fallback: Path | None) -> Path:
+    if o.tokenizer_model is not None:
+        return Path(o.tokenizer_model)
+    if fallback is not None:
+        return fallback
+    raise CheckpointError(f"no tokenizer found with the source in {o.load_dir}; pass --tokenizer-model "
+                          "(a tokenizer.model file or an HF tokenizer directory)")
+
+
+def _open_source(o: ConvertOptions) -> _Source:
+    d = Path(o.load_dir)
+    if o.loader == "llama_mistral" and o.checkpoint_type == "hf":
+        raw = hf_fmt.read_hf_config(d)
+        try:
+            cfg = ModelConfig.from_hf(raw)
+        except KeyError as e:
+            raise CheckpointError(f"{d / 'config.json'} lacks {e.args[0]!r}; it is not a complete model config") from None
+        hf_tensors = hf_fmt.open_hf_weights(d)
+        gen = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else None
+        has_tok = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
+        return _Source("hf", cfg, hf_tensors, hf_fmt.source_dtype(raw, hf_tensors), raw, gen,
+                       _tokenizer_source(o, d if has_tok else None), hf_tensors.files() + [d / "config.json"])
+    if o.loader == "llama_mistral":
+        tok_src = _tokenizer_source(o, d / "tokenizer.model" if (d / "tokenizer.model").exists() else None)
+        t = tok.load_source_tokenizer(tok_src)
+        eos = (t.eos_token_id,) if t.eos_token_id is not None else ()
+        cfg, params, src = meta.open_meta(d, vocab_size=None, bos=t.bos_token_id, eos=eos)
+        return _Source("meta", cfg, src, src.dtype(L.hf_names(cfg)[0]), {"params.json": params}, None, tok_src,
+                       src.files() + [d / "params.json"])
+    # mcore: this project's native format or Megatron-LM's torch layout
+    if (d / native.MANIFEST).exists():
+        m, src = native.open_native(d)
+        tok_dir = tok.resolve_tokenizer_dir(d)
+        return _Source("native", m.config, src, m.dtype, m.source_config, m.raw.get("generation_config"),
+                       _tokenizer_source(o, tok_dir if tok_dir.is_dir() else None),
+                       [d / n for n in m.files] + [d / native.MANIFEST])
+    if megatron_lm.is_megatron_lm(d):
+        cfg, lay, dtype, args, src = megatron_lm.open_megatron_lm(d, o.true_vocab_size)
+        tok_dir = d / tok.TOKENIZER_SUBDIR
+        return _Source("megatron-lm", cfg, src, dtype, None, None,
+                       _tokenizer_source(o, tok_dir if tok_dir.is_dir() else None), megatron_lm.files(d))
+    native.load_manifest(d)  # raises the "not a checkpoint" error with its hint
+    raise AssertionError("unreachable")
+
+
+def _target_config(o: ConvertOptions, src: _Source, tokenizer) -> ModelConfig:
+    cfg = src.cfg
+    rows = src.tensors.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in src.tensors \
+        else cfg.vocab_size
+    tok_size = tok.vocab_size(tokenizer)
+    v = o.true_vocab_size or cfg.vocab_size
+    if v > rows:
+        raise CheckpointError(f"--true-vocab-size {v} exceeds the {rows} embedding rows of the source")
+    if tok_size > v:
+        raise CheckpointError(
+            f"the tokenizer has {tok_size} tokens (added tokens included) but the model only {v} embeddings; "
+            "pass the tokenizer that belongs to this model (--tokenizer-model)")
+    return dataclasses.replace(cfg, vocab_size=v) if v != cfg.vocab_size else cfg
+
+
+# ---- provenance hashing in the background ----------------------------------------------------
+
+class _Hasher(threading.Thread):
+    """sha256 of the source files while the conversion runs (hashlib releases the GIL)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.files, self.result, self.error = files, {}, None
+
+    def run(self) -> None:
+        try:
+            self.result = {p.name if p.parent == self.files[0].parent else str(p): sha256_file(p) for p in self.files}
+        except OSError as e:
+            self.error = e
+
+    def wait(self) -> dict[str, str]:
+        self.join()
+        if self.error:
+            raise CheckpointError(f"cannot hash the source files: {self.error}")
+        return self.result
+
+
+# ---- the conversion -------------------------------------------------------------------------
+
+def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Convert ``opts.load_dir`` into ``opts.save_dir``; returns the manifest (or the export summary)."""
+    _check_options(opts)
+    src = _open_source(opts)
+    tokenizer = tok.load_source_tokenizer(src.tokenizer_src)
+    cfg = _target_config(opts, src, tokenizer)
+    if opts.model_size:
+        check_preset(opts.model_size, cfg)
+    if src.kind in ("hf", "meta"):
+        check_hf_shapes(src.tensors, dataclasses.replace(
+            cfg, vocab_size=src.tensors.shape("model.embed_tokens.weight")[0])
+            if "model.embed_tokens.weight" in src.tensors else cfg)
+    layout = Layout(opts.target_tp, opts.target_pp, opts.make_vocab_size_divisible_by)
+    if opts.saver != "hf":
+        layout.check(cfg)
+    dtype = parse_dtype(opts.dtype) or src.dtype
+    report = lambda p: progress(p) if progress else None  # noqa: E731
+
+    def step(tracker: ProgressTracker, nbytes: int) -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"conversion to {opts.save_dir} cancelled; nothing was written")
+        report(tracker.step(nbytes))
+
+    hasher = _Hasher(src.files)
+    hasher.start()
+    with staging_dir(Path(opts.save_dir), opts.overwrite) as out:
+        if opts.saver == "hf":
+            result = _save_hf(out, cfg, src, dtype, step, report)
+        elif opts.ckpt_format == "torch":
+            result = _save_megatron_lm(out, cfg, layout, src, dtype, opts.transformer_impl, step, report)
+        else:
+            result = _save_native_tensors(out, cfg, layout, src, dtype, step, report)
+        tok_dir = out if opts.saver == "hf" else out / tok.TOKENIZER_SUBDIR
+        tok_files = tok.save_tokenizer(src.tokenizer_src, tok_dir)
+        parity_report = None
+        if opts.validate:
+            report(Progress("validate", 0, 1, "checks"))
+            parity_report = _validate(out, opts, cfg, layout, src, dtype, tokenizer)
+            report(Progress("validate", 1, 1, "checks"))
+        provenance = {
+            "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
+            "source": {"format": src.kind, "dir": str(Path(opts.load_dir).resolve()), "dtype": dtype_name(src.dtype),
+                       "files_sha256": hasher.wait()},
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        }
+        if opts.saver != "hf" and opts.ckpt_format == "native":
+            result = native.write_manifest(
+                out, cfg, layout, dtype, file_hashes=result, source_config=src.raw_config,
+                generation_config=src.generation or hf_fmt.generation_config(cfg),
+                tokenizer={"dir": tok.TOKENIZER_SUBDIR, "files": tok_files, "vocab_size": tok.vocab_size(tokenizer)},
+                provenance=provenance, parity=parity_report)
+        else:
+            result.update(provenance=provenance, parity=parity_report)
+            (out / "conversion.json").write_text(json.dumps(result, indent=2, default=str))
+        result["save_dir"] = str(Path(opts.save_dir).absolute())
+    return result
+
+
+def _save_native_tensors(out: Path, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype,
+                         step, report) -> dict[str, dict[str, Any]]:
+    specs = L.param_specs(cfg, layout)
+    writer = native.CheckpointWriter(out, cfg, layout, dtype)
+    tracker = ProgressTracker("convert", len(specs), writer.bytes_total)
+    try:
+        for spec in specs:
+            p = spec.pp_rank(cfg, layout)
+            hf = [native._rows(src.tensors.get(n), cfg, spec) for n in spec.hf_names]
+            nbytes = 0
+            for t, piece in enumerate(L.shard(spec, hf, cfg, layout)):
+                writer.add(t, p, spec.local_name(cfg, layout), piece)
+                nbytes += piece.numel() * dtype.itemsize
+            step(tracker, nbytes)
+        hashes = writer.flush()
+    except BaseException:
+        writer.abort()
+        raise
+    report(Progress("write", 1, 1, "files", tracker.bytes_done, tracker.bytes_total, 0.0))
+    return hashes
+
+
+def _save_megatron_lm(out: Path, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype, impl: str,
+                      step, report) -> dict[str, Any]:
+    specs = L.param_specs(cfg, layout)
+    total = sum(torch.Size(native.shard_shape(s, cfg, layout)).numel() * layout.tp for s in specs) * dtype.itemsize
+    tracker = ProgressTracker("convert", len(specs), total)
+    return megatron_lm.write_megatron_lm(out, cfg, layout, src.tensors, dtype, impl,
+                                         on_tensor=lambda name, n: step(tracker, n))
+
+
+def _save_hf(out: Path, cfg: ModelConfig, src: _Source, dtype: torch.dtype, step, report) -> dict[str, Any]:
+    names = L.hf_names(cfg)
+    total = sum(torch.Size(L.hf_shape(cfg, n)).numel() for n in names) * dtype.itemsize
+    tracker = ProgressTracker("export", len(names), total)
+
+    def tensors():
+        for n in names:
+            t = src.tensors.get(n)
+            yield n, (t[: cfg.vocab_size] if n in ("model.embed_tokens.weight", "lm_head.weight") else t)
+
+    return hf_fmt.write_hf(out, cfg, tensors(), dtype, generation=src.generation or hf_fmt.generation_config(cfg),
+                           on_tensor=lambda name, n: step(tracker, n))
+
+
+def _validate(out: Path, o: ConvertOptions, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype,
+              tokenizer) -> dict[str, Any] | None:
+    import psutil
+
+    need = parity.estimate_bytes(cfg)
+    if need > 0.8 * psutil.virtual_memory().available:
+        return {"passed": None, "skipped": f"needs ~{need / 2**30:.1f} GiB of free memory for two fp32 models; "
+                                           "check parity separately or convert with --no-validate"}
+    if o.saver == "hf":
+        written = hf_fmt.open_hf_weights(out)
+    elif o.ckpt_format == "torch":
+        written = megatron_lm.open_megatron_lm(out, cfg.vocab_size)[-1]
+    else:
+        written = native.ShardedSource(cfg, layout, dtype, native.RankFiles(out).get)
+    rep = parity.check_parity(cfg, src.tensors.get, written.get, tokenizer, dtype)
+    parity.store_report(out, rep)
+    if not rep.passed:
+        raise parity.ParityError(f"the converted checkpoint failed validation ({rep.summary()}); nothing was "
+                                 "written. Report this with the source checkpoint, or pass --no-validate to skip")
+    return rep.to_dict()

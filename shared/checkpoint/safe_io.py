@@ -1,0 +1,422 @@
+"""Reading source tensors one at a time, and writing checkpoint directories safely.
+
+Readers never hold more than the tensor asked for: safetensors files are memory-mapped after
+their header has been checked against the file size, and ``.bin``/``.pth`` files are opened
+only through ``torch.load(weights_only=True, mmap=True)`` so a pickle cannot run code.
+
+Writers stream: ``StreamingSafetensorsWriter`` lays out a file from known shapes, writes the
+header first and each tensor as it arrives, hashing as it goes. ``staging_dir`` builds a
+directory beside its destination and moves it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from shared.config import ModelConfig
+from shared.checkpoint import layout as L
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or source file that cannot be used as is; the message says why and what to do."""
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    key = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}.get(name, name)
+    if key not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
+    return DTYPES[key]
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- safetensors reading --------------------------------------------------------------------
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file, checked against the file's real size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file (truncated?)")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(
+                f"{path}: header claims {n} bytes but the file has {size - 8} after the length field; "
+                "the file is truncated or not a safetensors file - re-download or re-export it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from e
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    end = 0
+    for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
+        try:
+            start, stop = info["data_offsets"]
+            dt = _ST_DTYPES[info["dtype"]]
+            numel = 1
+            for s in info["shape"]:
+                numel *= int(s)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: malformed header entry for {name!r}: {info}") from e
+        want = numel * torch.empty((), dtype=dt).element_size()
+        if stop - start != want or start != end:
+            raise CheckpointError(
+                f"{path}: header entry {name!r} (shape {info['shape']}, {info['dtype']}) spans bytes "
+                f"{start}..{stop} but needs {want} bytes at offset {end}; the header is corrupt")
+        end = stop
+    if end != data:
+        raise CheckpointError(
+            f"{path}: the header describes {end} bytes of tensor data but the file holds {data}; "
+            + ("the file is truncated - re-download or re-export it" if end > data else "the file is corrupt"))
+    return header
+
+
+class TensorSource:
+    """Named tensors read one at a time. Subclasses fill ``_where`` (name -> handle)."""
+
+    def __init__(self) -> None:
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files, each tensor read with ``pread`` when asked for.
+
+    Plain reads rather than a memory map: the process then holds only the tensor in hand,
+    not every page of the file it has touched (which a map keeps resident).
+    """
+
+    def __init__(self, paths: Sequence[Path], index: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._paths = list(paths)
+        self._fds: dict[Path, int] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        for p in self._paths:
+            header = read_safetensors_header(p)
+            with open(p, "rb") as f:
+                base = 8 + struct.unpack("<Q", f.read(8))[0]
+            for name, info in header.items():
+                start, stop = info["data_offsets"]
+                self._where[name] = (p, base + start, stop - start)
+                self._shapes[name] = tuple(int(s) for s in info["shape"])
+                self._dtypes[name] = _ST_DTYPES[info["dtype"]]
+        if index is not None:
+            for name, fname in index.items():
+                if name not in self._where:
+                    raise CheckpointError(f"the index names tensor {name!r} in {fname} but that file does not hold it")
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        path, offset, n = self._where[name]
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = bytearray(n)
+        view, done = memoryview(buf), 0
+        while done < n:
+            got = os.preadv(self._fds[path], [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"{path}: ended early while reading {name}; the file was truncated")
+            done += got
+        if n == 0:
+            return torch.empty(self._shapes[name], dtype=self._dtypes[name])
+        return torch.frombuffer(buf, dtype=self._dtypes[name]).reshape(self._shapes[name])
+
+    def files(self) -> list[Path]:
+        return list(self._paths)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def safe_torch_load(path: Path) -> object:
+    """``torch.load`` that refuses to run code; mmap so tensors are paged in on use."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors ({str(e).splitlines()[0]}). "
+            "Loading it could run arbitrary code; convert it to safetensors with a trusted tool first") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({e}); the file is corrupt or truncated") from e
+
+
+class TorchFilesSource(TensorSource):
+    """``pytorch_model*.bin`` files (state dicts), loaded safely and memory-mapped."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        super().__init__()
+        self._paths = list(paths)
+        self._tensors: dict[str, torch.Tensor] = {}
+        for p in self._paths:
+            sd = safe_torch_load(p)
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{p}: expected a state dict, found {type(sd).__name__}")
+            for name, t in sd.items():
+                if isinstance(t, torch.Tensor):
+                    self._tensors[name] = t  # mmap-backed: no copy until read
+                    self._shapes[name] = tuple(t.shape)
+                    self._dtypes[name] = t.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        return self._tensors[name]
+
+    def files(self) -> list[Path]:
+        return list(self._paths)
+
+
+def _load_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid index file (needs a 'weight_map' object): {e}") from e
+    missing = sorted({f for f in index.values() if not (path.parent / f).exists()})
+    if missing:
+        raise CheckpointError(
+            f"{path.name} names shard file(s) {', '.join(missing)} which are absent from {path.parent}; "
+            "the download is incomplete - fetch the missing shards")
+    return index
+
+
+def open_hf_weights(directory: Path) -> TensorSource:
+    """The weights of an HF checkpoint directory (safetensors preferred, sharded or not)."""
+    d = Path(directory)
+    if (d / "model.safetensors.index.json").exists():
+        index = _load_index(d / "model.safetensors.index.json")
+        return SafetensorsSource([d / f for f in sorted(set(index.values()))], index)
+    if (d / "model.safetensors").exists():
+        return SafetensorsSource([d / "model.safetensors"])
+    singles = sorted(d.glob("*.safetensors"))
+    if singles:
+        return SafetensorsSource(singles)
+    if (d / "pytorch_model.bin.index.json").exists():
+        index = _load_index(d / "pytorch_model.bin.index.json")
+        return TorchFilesSource([d / f for f in sorted(set(index.values()))])
+    bins = sorted(d.glob("pytorch_model*.bin"))
+    if bins:
+        return TorchFilesSource(bins)
+    raise CheckpointError(
+        f"{d}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
+
+
+def check_hf_shapes(source: TensorSource, cfg: ModelConfig) -> None:
+    """Every tensor ``cfg`` needs is present with the shape the config implies."""
+    problems = []
+    for name in L.hf_names(cfg):
+        if name not in source:
+            problems.append(f"{name} is missing")
+            continue
+        want, got = L.hf_shape(cfg, name), source.shape(name)
+        if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+            if got[1:] != want[1:] or got[0] < want[0]:
+                problems.append(f"{name} has shape {list(got)}, config implies {list(want)}")
+        elif got != want:
+            problems.append(f"{name} has shape {list(got)}, config implies {list(want)}")
+    known = set(L.hf_names(cfg)) | {"lm_head.weight"}  # a tied model may still store its lm_head copy
+    extra = [n for n in source.names() if n not in known and not n.endswith("rotary_emb.inv_freq")]
+    if extra:
+        problems.append(f"the weights hold tensors this architecture does not have ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''}); converting would silently drop them")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"config and weights disagree: {shown}. Check that config.json belongs to these weights")
+
+
+# ---- streaming safetensors writing ----------------------------------------------------------
+
+class StreamingSafetensorsWriter:
+    """A safetensors file whose layout is fixed up front; tensors are appended in that order.
+
+    The header is written at once from the declared (name, shape, dtype) list, so tensors can
+    be streamed without holding the file's contents; the sha256 is computed while writing.
+    """
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        self._order: list[str] = []
+        self._sizes: dict[str, int] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name, shape, dt in entries:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+            header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            self._order.append(name)
+            self._sizes[name] = n
+            self._specs[name] = (tuple(shape), dt)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.nbytes = 8 + len(raw) + offset
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self._f = open(self.path, "wb")
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data) -> None:
+        self._hash.update(data)
+        write_all(self._f, data)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise RuntimeError(f"{self.path.name}: got tensor {name!r}, expected {expected!r}")
+        shape, dt = self._specs[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dt:
+            raise RuntimeError(f"{self.path.name}: {name} is {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {dt}")
+        self._write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256."""
+        if not self.complete:
+            raise RuntimeError(f"{self.path.name}: closed after {self._next} of {len(self._order)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+
+def write_all(f, data) -> None:
+    """``f.write`` that turns a full disk into a clear error."""
+    try:
+        f.write(data)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"the disk holding {getattr(f, 'name', 'the output')} is full ({e.strerror}); free space "
+                "or choose a --save-dir on a larger disk. Nothing was left behind") from e
+        raise
+
+
+# ---- output directories ---------------------------------------------------------------------
+
+def check_save_dir(save_dir: Path, overwrite: bool) -> None:
+    save_dir = Path(save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise CheckpointError(f"--save-dir {save_dir} exists and is not a directory")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"--save-dir {save_dir} is not empty; choose another directory or pass --overwrite "
+            "(the old contents are replaced only once the new checkpoint is complete)")
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE)
+    return rc == 0
+
+
+@contextlib.contextmanager
+def staging_dir(save_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh sibling directory; on success it replaces ``save_dir``, on error it is removed.
+
+    An existing checkpoint is swapped out atomically where the OS allows, so readers see the
+    old or the new checkpoint, never a mix.
+    """
+    save_dir = Path(save_dir).absolute()
+    check_save_dir(save_dir, overwrite)
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = save_dir.with_name(f".{save_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_save_dir(save_dir, overwrite)  # something may have appeared meanwhile
+        if save_dir.exists() and any(save_dir.iterdir()):
+            if _rename_exchange(tmp, save_dir):
+                shutil.rmtree(tmp)
+                return
+            old = save_dir.with_name(f".{save_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(save_dir, old)
+            os.rename(tmp, save_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if save_dir.exists():
+                save_dir.rmdir()
+            os.rename(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
