@@ -183,6 +183,10 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported; Llama-like models use 'silu'")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=true is not supported (no Llama-family checkpoint uses it)")
+        if model_type != "qwen2" and hf.get("attention_bias"):
+            raise UnsupportedModelError(
+                "attention_bias=true gives every attention projection a bias, including o_proj, which "
+                "Megatron's layout has no place for; only q/k/v biases (Qwen2-style) are supported")
         max_pos = int(hf.get("max_position_embeddings", 4096))
         window = hf.get("sliding_window")
         window_on = hf.get("use_sliding_window", model_type != "qwen2")
@@ -216,7 +220,7 @@ class ModelConfig:
             rope_scaling=RopeScaling.from_hf(scaling),
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            qkv_bias=model_type == "qwen2",
             model_type=model_type,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -254,7 +258,7 @@ class ModelConfig:
                              else (self.eos_token_ids[0] if self.eos_token_ids else None)),
         }
         if self.model_type == "llama":
-            out["attention_bias"] = self.qkv_bias
+            out["attention_bias"] = False
             out["mlp_bias"] = False
         if self.model_type == "mistral":
             out["sliding_window"] = None

@@ -108,10 +108,10 @@ def test_unsupported_architectures(src, tmp_path, change, match):
     expect_error(src, tmp_path / "out", UnsupportedModelError, match)
 
 
-def test_dropped_tensor_is_refused(make_hf_checkpoint, tmp_path):
+def test_llama_attention_bias_is_refused(make_hf_checkpoint, tmp_path):
     """Llama with attention_bias also has o_proj.bias, which the Megatron layout cannot hold."""
     src = make_hf_checkpoint("llama3", attention_bias=True)
-    expect_error(src, tmp_path / "out", CheckpointError, "o_proj.bias.*silently drop")
+    expect_error(src, tmp_path / "out", UnsupportedModelError, "o_proj")
 
 
 @pytest.mark.parametrize("tp,pp,match", [
@@ -236,3 +236,14 @@ def test_disk_full(src, tiny_disk):
     out = tiny_disk / "out"
     expect_error(src, out, CheckpointError, "disk .* is full", validate=False, target_tp=2)
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_unexpected_tensor_is_refused(make_hf_checkpoint, tmp_path):
+    """A tensor the layout has no place for is an error, never silently dropped."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_checkpoint("llama3")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    expect_error(src, tmp_path / "out", CheckpointError, "o_proj.bias.*silently drop")

@@ -48,6 +48,7 @@ def test_json_round_trip_and_hf_round_trip():
     ({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768}, "sliding-window"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"hidden_act": "gelu"}, "gelu"),
+    ({"attention_bias": True}, "o_proj"),
     ({"model_type": "gpt2"}, "gpt2"),
 ])
 def test_unsupported_architectures_are_refused(patch, needle):
