@@ -1,0 +1,1 @@
+"""Text generation: the standalone server, the reference/compare CLIs and the served runtime."""

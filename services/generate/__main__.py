@@ -1,0 +1,123 @@
+"""python -m services.generate serve | reference | compare"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _dtype(name: str | None):
+    from shared.inference.engine import parse_dtype
+
+    return parse_dtype(name)
+
+
+def _serve(a) -> int:
+    import uvicorn
+
+    from services.generate.runtime import GenerationRuntime
+    from services.generate.server import create_app
+
+    def factory():
+        return GenerationRuntime(a.load, a.tensor_parallel_size, a.pipeline_parallel_size, a.dtype,
+                                 max_batch=a.max_batch, max_queue=a.max_queue, max_seq_len=a.max_seq_len,
+                                 model_name=a.model_name)
+
+    uvicorn.run(create_app(factory), host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
+def _reference(a) -> int:
+    import torch
+
+    from services.generate.reference import hf_reference
+
+    for c in hf_reference(a.model_path, a.prompt, a.tokens_to_generate, _dtype(a.dtype) or torch.float32):
+        print(json.dumps({"prompt": c.prompt, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids,
+                          "text": c.text}))
+    return 0
+
+
+def _compare(a) -> int:
+    import torch
+
+    from services.generate.reference import engine_continuations, first_divergence, hf_reference
+    from shared.inference.engine import Engine
+
+    engine = Engine(a.load, a.tensor_parallel_size, a.pipeline_parallel_size, a.dtype,
+                    max_batch=max(1, len(a.prompt)), max_seq_len=a.max_seq_len)
+    try:
+        ours = engine_continuations(engine, a.prompt, a.tokens_to_generate)
+        dtype = engine.dtype
+    finally:
+        engine.close()
+    ref = hf_reference(a.model_path, a.prompt, a.tokens_to_generate, dtype or torch.float32)
+    same = True
+    for o, r in zip(ours, ref):
+        if o.prompt_ids != r.prompt_ids:
+            print(json.dumps({"prompt": o.prompt, "result": "prompt tokenized differently",
+                              "engine": o.prompt_ids, "hf": r.prompt_ids}))
+            same = False
+            continue
+        d = first_divergence(o.token_ids, r.token_ids)
+        if d is None:
+            print(json.dumps({"prompt": o.prompt, "result": "identical", "tokens": len(o.token_ids), "text": o.text}))
+        else:
+            same = False
+            print(json.dumps({"prompt": o.prompt, "result": "diverged", "index": d[0], "engine_token": d[1],
+                              "hf_token": d[2], "engine_text": o.text, "hf_text": r.text}))
+    return 0 if same else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # benchmark parity lives in its own module with its own options
+        from services.generate import eval as bench_eval
+
+        return bench_eval.main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m services.generate", epilog="also: eval (see `eval --help`)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def layout(sp):
+        sp.add_argument("--tensor-parallel-size", type=int, default=None, help="default: the checkpoint's")
+        sp.add_argument("--pipeline-parallel-size", type=int, default=None, help="default: the checkpoint's")
+        sp.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per sequence (default 2048)")
+
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP")
+    s.add_argument("--load", required=True, help="a converted checkpoint (manifest.json) or an HF model dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-queue", type=int, default=256)
+    s.add_argument("--model-name", default=None)
+    layout(s)
+    s.set_defaults(fn=_serve)
+
+    r = sub.add_parser("reference", help="HF transformers greedy generation (the parity reference)")
+    r.add_argument("--model-path", required=True)
+    r.add_argument("--prompt", action="append", required=True)
+    r.add_argument("--tokens-to-generate", type=int, default=32)
+    r.add_argument("--dtype", default=None)
+    r.set_defaults(fn=_reference)
+
+    c = sub.add_parser("compare", help="greedy engine vs HF on the same prompts; exit 1 on divergence")
+    c.add_argument("--load", required=True)
+    c.add_argument("--model-path", required=True)
+    c.add_argument("--prompt", action="append", required=True)
+    c.add_argument("--tokens-to-generate", type=int, default=32)
+    c.add_argument("--dtype", default=None)
+    layout(c)
+    c.set_defaults(fn=_compare)
+
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

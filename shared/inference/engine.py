@@ -1,0 +1,214 @@
+"""The controller side of the engine: one checkpoint, loaded once on every rank.
+
+``Engine.run(plan)`` executes one plan on all ranks and returns the last stage's outputs.
+With TP = PP = 1 the ranks can be this very process (``in_process``), which avoids the
+per-call hand-off to worker processes; otherwise a ``ProcessGroupPool`` holds the ranks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from shared.inference import worker as W
+from shared.inference.source import ModelSource, SourceError
+from shared.parallel.dims import ParallelDims
+from shared.parallel.launcher import ProcessGroupPool, RemoteError
+from shared.parallel.state import ParallelContext
+
+DEFAULT_MAX_SEQ = 2048
+
+
+class LengthError(ValueError):
+    """A prompt plus its new tokens do not fit the model or the cache."""
+
+
+def special_token_ids(tokenizer) -> dict[str, list[int]]:
+    """Vocab ids whose text holds a newline, and those ending in a colon (for Megatron's
+    ``prevent_newline_after_colon``)."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    return {"newline": [i for i, t in enumerate(texts) if "\n" in t],
+            "colon": [i for i, t in enumerate(texts) if t.rstrip(" ").endswith(":")]}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    tp: int
+    pp: int
+    dtype: str
+    device: str
+    max_batch: int
+    max_seq: int
+
+
+class Engine:
+    def __init__(self, load: str | Path, tensor_parallel_size: int | None = None,
+                 pipeline_parallel_size: int | None = None, dtype: str | torch.dtype | None = None,
+                 max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 in_process: bool | None = None, threads: int = 1, cuda_graphs: bool = True,
+                 timeout_s: float = 600.0, pool=None, source: ModelSource | None = None):
+        """``pool``: an existing process pool (anything with ``run(dims, fn, *args)``) to load
+        into instead of starting one; it is left running on ``close``."""
+        self.source = source or ModelSource.open(load)
+        self.cfg = self.source.config()
+        stored = self.source.stored_layout()
+        tp = tensor_parallel_size or stored.tp
+        pp = pipeline_parallel_size or stored.pp
+        self.dims = ParallelDims(tp=tp, pp=pp)
+        self.dims.check_model(self.cfg)
+        self.tokenizer = self.source.tokenizer()
+        self.eos_ids = self.source.eos_ids(self.tokenizer)
+        self.dtype = parse_dtype(dtype) or self.source.stored_dtype()
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
+        self.max_seq = min(max_seq_len or DEFAULT_MAX_SEQ, self.cfg.max_position_embeddings)
+        self.in_process = (tp * pp == 1 and pool is None) if in_process is None else in_process
+        if self.in_process and tp * pp != 1:
+            raise ValueError("in-process mode needs TP = PP = 1")
+        self.threads, self.timeout_s = threads, timeout_s
+        self._load_args = (self.source, self.dtype, max_batch, self.max_seq, prefill_chunk, cuda_graphs)
+        self._special: dict[str, tuple[int, ...]] | None = None
+        self._lock = threading.Lock()
+        self._pool = pool
+        self._own_pool = pool is None
+        self._ctx: ParallelContext | None = None
+        self.restarts = 0
+        self._start()
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.source.name(), self.dims.tp, self.dims.pp, str(self.dtype).replace("torch.", ""),
+                          self.device, self.max_batch, self.max_seq)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _start(self) -> None:
+        if self.in_process:
+            self._ctx = ParallelContext.single(self.device)
+            if self.device == "cuda":
+                torch.cuda.set_device(0)
+            W.load(self._ctx, *self._load_args)
+        else:
+            if self._own_pool:
+                self._pool = ProcessGroupPool(self.dims.world_size, threads=self.threads, timeout_s=self.timeout_s)
+            try:
+                self._pool.run(self.dims, W.load, *self._load_args)
+            except BaseException:
+                if self._own_pool:
+                    self._pool.close(force=True)
+                raise
+
+    def special_ids(self) -> dict[str, tuple[int, ...]]:
+        """Newline and colon-ending token ids, computed on first use (decodes the whole vocab)."""
+        if self._special is None:
+            self._special = {k: tuple(v) for k, v in special_token_ids(self.tokenizer).items()}
+        return self._special
+
+    def check_lengths(self, prompt_len: int, max_new: int) -> None:
+        """Raise LengthError unless prompt + new tokens fit the positions and the cache."""
+        if prompt_len == 0:
+            raise LengthError("the prompt is empty after tokenization; give some text (or add_BOS=true)")
+        total = prompt_len + max_new
+        limit = min(self.max_seq, self.cfg.max_position_embeddings)
+        if total > limit:
+            raise LengthError(
+                f"the prompt has {prompt_len} tokens and {max_new} new tokens were asked for: {total} > {limit}, "
+                f"the most this server holds per sequence (max positions {self.cfg.max_position_embeddings}, "
+                f"cache {self.max_seq}); shorten the prompt or ask for fewer tokens")
+
+    def run(self, plan: W.Plan) -> dict[int, W.SlotOutput]:
+        """Execute one plan on every rank. On failure the ranks are reset (or restarted) and
+        the error re-raised: every sequence that was in the cache is lost."""
+        with self._lock:
+            try:
+                if self.in_process:
+                    return W.run_plan(self._ctx, plan) or {}
+                results = self._pool.run(self.dims, W.run_plan, plan)
+                return results[self.dims.rank(0, self.dims.pp - 1)] or {}
+            except BaseException:
+                self._recover()
+                raise
+
+    def _recover(self) -> None:
+        self.restarts += 1
+        if self.in_process:
+            W.reset(self._ctx)
+            return
+        # a failed rank may have left its peers inside a collective: the pool is then rebuilt
+        # (ours here, a shared one by its owner on the next run) and the model reloaded
+        if self._own_pool and self._pool.broken:
+            self._start()
+            return
+        try:
+            if all(self._pool.run(self.dims, W.reset, timeout_s=60)):
+                return
+            self._pool.run(self.dims, W.load, *self._load_args)
+        except RemoteError:
+            if not self._own_pool:
+                raise
+            self._pool.close(force=True)
+            self._start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.in_process:
+                if self._ctx is not None:
+                    W.unload(self._ctx)
+                    self._ctx = None
+            elif self._pool is not None:
+                if self._own_pool:
+                    self._pool.close()
+                else:
+                    self._pool.run(self.dims, W.unload)
+                self._pool = None
+
+    # ---- a blocking batch API (reference comparisons, benchmarks) ------------------------------
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new: int, steps: int = 16,
+                     **sampling) -> list[W.SlotOutput]:
+        """Run the given token prompts to completion, at most ``max_batch`` at a time."""
+        outs: list[W.SlotOutput] = []
+        for start in range(0, len(prompts), self.max_batch):
+            group = prompts[start: start + self.max_batch]
+            for p in group:
+                self.check_lengths(len(p), max_new)
+            specs = [W.SlotSpec(slot=i, prompt=list(p), max_new=max_new, stop_ids=tuple(self.eos_ids),
+                                **sampling) for i, p in enumerate(group)]
+            merged = {i: W.SlotOutput() for i in range(len(group))}
+            plan = W.Plan(admit=specs, steps=steps)
+            while True:
+                res = self.run(plan)
+                for s, o in res.items():
+                    m = merged[s]
+                    m.tokens += o.tokens
+                    m.logprobs += o.logprobs
+                    m.finish = o.finish or m.finish
+                    if o.prompt_logprobs is not None:
+                        m.prompt_logprobs = o.prompt_logprobs
+                if all(m.finish for m in merged.values()):
+                    break
+                plan = W.Plan(steps=steps)
+            self.run(W.Plan(release=list(range(len(group)))))
+            outs += [merged[i] for i in range(len(group))]
+        return outs
+
+
+__all__ = ["Engine", "EngineInfo", "LengthError", "SourceError", "parse_dtype", "special_token_ids"]
