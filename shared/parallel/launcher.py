@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -92,14 +93,20 @@ class ProcessGroupPool:
     def _collect(self, timeout_s: float | None) -> list[Any]:
         results: list[Any] = [None] * self.world_size
         errors = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for _ in range(self.world_size):
-            try:
-                rank, ok, value = self._outbox.get(timeout=timeout_s)
-            except queue.Empty:
-                self.broken = True
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                self.close(force=True)
-                raise RemoteError(f"workers did not answer within {timeout_s} s (dead ranks: {dead})") from None
+            while True:  # poll, so a dead worker is noticed at once rather than at the timeout
+                try:
+                    rank, ok, value = self._outbox.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                    late = deadline is not None and time.monotonic() > deadline
+                    if dead or late:
+                        self.broken = True
+                        self.close(force=True)
+                        why = f"ranks {dead} died" if dead else f"workers did not answer within {timeout_s} s"
+                        raise RemoteError(f"the process group failed: {why}") from None
             if ok:
                 results[rank] = value
             else:

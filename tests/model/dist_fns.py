@@ -84,3 +84,13 @@ def all_reduce_tp(ctx):
     t = torch.tensor([float(ctx.rank)])
     dist.all_reduce(t, group=ctx.tp_group)
     return float(t)
+
+
+def die_on_rank_one(ctx):
+    import os
+
+    if ctx.rank == 1:
+        os._exit(3)
+    import torch.distributed as dist
+
+    dist.barrier(group=ctx.tp_group)  # rank 0 now waits on a peer that is gone

@@ -28,3 +28,13 @@ def test_a_failing_rank_reports_its_traceback_and_the_pool_recovers(dist_pool):
 def test_layout_larger_than_pool_is_refused(dist_pool):
     with pytest.raises(ValueError, match="needs 8 processes; this pool has 4"):
         dist_pool.run(ParallelDims(tp=2, pp=4), dist_fns.coords)
+
+
+def test_a_dead_rank_is_noticed_without_waiting_for_the_timeout(dist_pool):
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(RemoteError, match=r"ranks \[1\] died"):
+        dist_pool.run(ParallelDims(tp=2), dist_fns.die_on_rank_one)
+    assert time.monotonic() - t < 60
+    assert dist_pool.run(ParallelDims(tp=2), dist_fns.coords)[1][0] == 1
