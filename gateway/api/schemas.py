@@ -55,10 +55,14 @@ class FinetuneJob(_Strict):
 
 
 class EvalJob(_Strict):
+    """The seed's parity table: lm-eval tasks on a checkpoint and on an uploaded HF reference."""
     kind: Literal["eval"]
     source: Name
-    tasks: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(min_length=1, max_length=64)
-    limit: int | None = Field(None, ge=1)
+    reference: Name = Field(description="an uploaded HF checkpoint to compare against")
+    tasks: list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]] = Field(
+        ["all"], min_length=1, max_length=16, description="bundled task names, or ['all']")
+    dtype: list[Literal["fp32", "bf16"]] = Field(["fp32"], min_length=1, max_length=2)
+    limit: int | None = Field(None, ge=1, le=100000, description="items per task")
 
 
 class GenerateJob(_Strict):

@@ -135,6 +135,35 @@ def run(args: argparse.Namespace, pool=None) -> list[dict[str, Any]]:
     return reports
 
 
+def run_job(params: dict[str, Any], source_dir: Path, reference_dir: Path, out_dir: Path,
+            progress=None, should_cancel=None) -> dict[str, Any]:
+    """An ``eval`` job of the service: the checkpoint at its own TP/PP against the uploaded HF
+    reference. Returns ``{"passed", "reports"}`` (the JSON reports, one per dtype)."""
+    import json
+
+    from shared.checkpoint.native import MANIFEST, load_manifest
+
+    tp = pp = 1
+    if (Path(source_dir) / MANIFEST).exists():
+        layout = load_manifest(source_dir).layout
+        tp, pp = layout.tp, layout.pp
+    dtypes = list(params.get("dtype") or ["fp32"])
+    argv = ["--load", str(source_dir), "--reference", str(reference_dir), "--tasks",
+            ",".join(params.get("tasks") or ["all"]), "--dtype", ",".join(dtypes),
+            "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp), "--output", str(out_dir)]
+    if params.get("limit"):
+        argv += ["--limit", str(params["limit"])]
+    if should_cancel is not None and should_cancel():
+        raise RuntimeError("cancelled before the evaluation started")
+    if progress is not None:
+        progress({"phase": "eval", "current": 0, "total": len(dtypes), "unit": "reports"})
+    run(build_parser().parse_args(argv))
+    reports = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("eval_*.json"))]
+    if progress is not None:
+        progress({"phase": "eval", "current": len(reports), "total": len(dtypes), "unit": "reports"})
+    return {"passed": all(r["passed"] for r in reports), "reports": reports}
+
+
 def main(argv: list[str] | None = None, pool=None) -> int:
     from shared.checkpoint.safe_io import CheckpointError
     from shared.evaluation.tasks import TaskFileError

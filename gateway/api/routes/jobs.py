@@ -55,6 +55,9 @@ def _validate(svc, team: str, req) -> dict:
     if not svc.checkpoints.exists(team, req.source):
         raise HTTPException(404, f"source checkpoint {req.source!r} not found: upload it with POST /v1/checkpoints")
     if req.kind == "eval":
+        if not svc.checkpoints.exists(team, req.reference):
+            raise HTTPException(404, f"reference checkpoint {req.reference!r} not found: upload the HF model with "
+                                     "POST /v1/checkpoints")
         return params
     if not params.get("output"):
         suffix = {"convert": f"tp{req.target_tp}pp{req.target_pp}" if hasattr(req, "target_tp") else "",
