@@ -56,7 +56,7 @@ class SelfAttention(nn.Module):
                                     dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, layer: int, position_ids, cache: KVCache | None, kv_len: int | None,
-                cache_rows: torch.Tensor | None):
+                cache_rows: torch.Tensor | None, mask: torch.Tensor | None = None):
         B, S, _ = x.shape
         qkv = self.linear_qkv(x).view(B, S, self.groups, self.r + 2, self.d)  # group-major
         q = qkv[:, :, :, : self.r].reshape(B, S, self.groups * self.r, self.d)
@@ -69,10 +69,16 @@ class SelfAttention(nn.Module):
         else:
             cache.write(layer, k, v, position_ids, cache_rows)
             keys, values = cache.read(layer, kv_len, cache_rows)  # (B, n_kv, kv_len, d)
-            slots = torch.arange(kv_len, device=x.device)
-            mask = (slots.view(1, 1, kv_len) <= position_ids.unsqueeze(-1)).unsqueeze(1)  # (B,1,S,kv)
+            if mask is None:
+                mask = cache_mask(position_ids, kv_len)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.linear_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+def cache_mask(position_ids: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(B, 1, S, kv_len) bool: a query at position p sees cache slots <= p."""
+    slots = torch.arange(kv_len, device=position_ids.device)
+    return (slots.view(1, 1, kv_len) <= position_ids.unsqueeze(-1)).unsqueeze(1)
 
 
 class MLP(nn.Module):
@@ -95,7 +101,7 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, group, impl, dtype, device)
 
-    def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows):
+    def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows, mask=None):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, position_ids, cache, kv_len,
-                                    cache_rows)
+                                    cache_rows, mask)
         return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shared.config import ModelConfig
 from shared.model.kv_cache import KVCache
-from shared.model.layers import IMPLS, RMSNorm, TransformerLayer
+from shared.model.layers import IMPLS, RMSNorm, TransformerLayer, cache_mask
 from shared.model.rope import cos_sin, inv_frequencies
 from shared.parallel.layers import (VocabParallelEmbedding, gather_logits, vocab_parallel_cross_entropy,
                                     vocab_parallel_logits)
@@ -88,11 +88,13 @@ class LlamaStage(nn.Module):
             kv_len = int(position_ids.max()) + 1
         h = self.embedding.word_embeddings(x) if self.ctx.is_first_stage else x
         cos, sin = cos_sin(self.inv_freq, position_ids, h.dtype)
+        mask = cache_mask(position_ids, kv_len) if cache is not None else None  # shared by all layers
         for i, layer in enumerate(self.decoder.layers):
             if self.recompute and self.training:
-                h = checkpoint(layer, h, cos, sin, i, position_ids, cache, kv_len, cache_rows, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask,
+                               use_reentrant=False)
             else:
-                h = layer(h, cos, sin, i, position_ids, cache, kv_len, cache_rows)
+                h = layer(h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask)
         if not self.ctx.is_last_stage:
             return h
         h = self.decoder.final_layernorm(h)
