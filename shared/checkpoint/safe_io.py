@@ -27,6 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from shared.config import ModelConfig
+from shared.files import sha256_file  # noqa: F401 - re-exported
 from shared.checkpoint import layout as L
 
 
@@ -55,14 +56,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if key not in DTYPES:
         raise CheckpointError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
     return DTYPES[key]
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- safetensors reading --------------------------------------------------------------------

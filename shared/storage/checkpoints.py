@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
+from shared.files import sha256_file
+
 from .base import ObjectNotFound, ObjectStore, StorageError
 
 MANIFEST = "manifest.json"
@@ -46,14 +48,6 @@ def check_name(name: str, what: str = "checkpoint name") -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise ValueError(f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _listed_hashes(manifest: dict) -> dict[str, str]:
