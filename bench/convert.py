@@ -1,7 +1,7 @@
 """Benchmark: convert the real SmolLM2-135M (≈540 MB fp32) at TP1 and TP3·PP2.
 
 Prints, per layout: conversion wall time as a ratio to copying the same bytes in the same
-run (in-process, imports excluded; the CLI's wall time including interpreter start is shown
+run (in-process, imports excluded, median of --repeats alternating runs; the CLI's wall time including interpreter start is shown
 too), and the converting process's peak RSS as a ratio to the checkpoint size
 (targets: ≤ 1.5× copy; peak RSS ≤ 0.3× checkpoint + 0.5 GB).
 
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default="1x1,3x2", help="comma-separated TPxPP list (default: %(default)s)")
     ap.add_argument("--validate", action="store_true", help="also run with the parity check on")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per layout; medians are reported")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     args = ap.parse_args()
 
@@ -82,11 +84,16 @@ def main() -> None:
         for spec in args.layouts.split(","):
             tp, pp = (int(x) for x in spec.lower().split("x"))
             for validate in ([False, True] if args.validate else [False]):
-                copy_s = copy_seconds(weights, work / "copy")
-                t0 = time.perf_counter()
-                convert(ConvertOptions(load_dir=src, save_dir=work / "out", target_tp=tp, target_pp=pp,
-                                       validate=validate, overwrite=True))
-                conv_s = time.perf_counter() - t0
+                copies, convs = [], []
+                for _ in range(args.repeats):  # alternate, so drift hits both alike; report medians
+                    copies.append(copy_seconds(weights, work / "copy"))
+                    shutil.rmtree(work / "copy", ignore_errors=True)
+                    shutil.rmtree(work / "out", ignore_errors=True)
+                    t0 = time.perf_counter()
+                    convert(ConvertOptions(load_dir=src, save_dir=work / "out", target_tp=tp, target_pp=pp,
+                                           validate=validate))
+                    convs.append(time.perf_counter() - t0)
+                copy_s, conv_s = statistics.median(copies), statistics.median(convs)
                 cli_s, rss = cli_run(src, work / "out_cli", tp, pp, validate)
                 row = {"layout": f"TP{tp}·PP{pp}", "validate": validate, "checkpoint_mb": round(size / 1e6),
                        "copy_s": round(copy_s, 3), "convert_s": round(conv_s, 3),

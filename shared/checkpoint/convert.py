@@ -32,6 +32,7 @@ from shared.checkpoint.safe_io import (
     staging_dir,
 )
 from shared import tokenizer as tok
+from shared.files import keep_freed_memory
 
 __all__ = ["ConvertOptions", "Progress", "Cancelled", "convert"]
 
@@ -191,6 +192,7 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
             should_cancel: Callable[[], bool] | None = None) -> dict:
     """Convert ``opts.load_dir`` into ``opts.save_dir``; returns the manifest (or the export summary)."""
     _check_options(opts)
+    keep_freed_memory()
     src = _open_source(opts)
     tokenizer = tok.load_source_tokenizer(src.tokenizer_src)
     cfg = _target_config(opts, src, tokenizer)
