@@ -1,5 +1,6 @@
 """Service overhead: a 1-token `PUT /api` round trip through gateway -> Celery -> worker, against
-the worker's own time for the same request; and the job-submission rate.
+the worker's own time for the same request; concurrent requests (batched together by the
+worker's runtime) against the same requests one after another; and the job-submission rate.
 
     python -m bench.service [--n 200]
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200, help="generation round trips")
     ap.add_argument("--jobs", type=int, default=200, help="job submissions")
+    ap.add_argument("--concurrent", type=int, default=8, help="requests sent at once")
     args = ap.parse_args()
     from tests.services.helpers import make_hf_checkpoint
 
@@ -56,6 +59,18 @@ def main() -> int:
                 print(f"1-token PUT /api, {args.n} requests (ms):")
                 for name, xs in (("round trip", total), ("worker", worker), ("overhead", over)):
                     print(f"  {name:<11} median {statistics.median(xs):7.2f}   p99 {pct(xs, 0.99):7.2f}")
+                long = {**body, "tokens_to_generate": 32}
+                t = time.perf_counter()
+                for _ in range(args.concurrent):
+                    http.put("/api", json=long).raise_for_status()
+                seq = time.perf_counter() - t
+                with ThreadPoolExecutor(args.concurrent) as pool:
+                    t = time.perf_counter()
+                    for r in pool.map(lambda _: http.put("/api", json=long), range(args.concurrent)):
+                        r.raise_for_status()
+                    par = time.perf_counter() - t
+                print(f"{args.concurrent} x 32-token PUT /api: one after another {seq * 1e3:.0f} ms, "
+                      f"concurrent {par * 1e3:.0f} ms ({seq / par:.1f}x)")
                 t = time.perf_counter()
                 for _ in range(args.jobs):  # no convert worker runs: the jobs stay queued
                     http.post("/v1/jobs", json={"kind": "export", "source": "tiny"}).raise_for_status()

@@ -1,10 +1,20 @@
-"""Relay of generation requests to the generate workers (see services/generate/tasks.py for the protocol)."""
+"""Relay of generation requests to the generate workers (see services/generate/tasks.py for the protocol).
+
+The request path stays on the event loop: the task message is pushed onto the ``generate``
+queue with the async Redis client (no thread hop, no per-publish binding lookup), the reply is
+awaited with BLPOP on the same client's connection pool, and a checkpoint's existence is looked
+up in the store at most once per ``EXISTS_TTL_S`` per (team, model).
+"""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import AsyncIterator
 
 import redis
@@ -14,40 +24,81 @@ from fastapi import HTTPException
 from gateway.core.services import Services
 from shared.jobs.transport import GENERATE_REQUEST
 
+QUEUE = "generate"
+EXISTS_TTL_S = 2.0
+_ORIGIN = f"gateway{os.getpid()}@{socket.gethostname()}"
+_exists_until: dict[tuple[int, str, str], float] = {}
+
+
+async def model_exists(svc: Services, team: str, model: str) -> bool:
+    """Whether ``team/model`` is committed; positive answers are trusted for EXISTS_TTL_S (a
+    just-uploaded checkpoint is seen at once; a deleted one is refused by the worker)."""
+    key, now = (id(svc), team, model), time.monotonic()
+    if _exists_until.get(key, 0.0) > now:
+        return True
+    ok = await to_thread.run_sync(svc.checkpoints.exists, team, model)
+    if ok:
+        if len(_exists_until) > 10_000:
+            _exists_until.clear()
+        _exists_until[key] = now + EXISTS_TTL_S
+    return ok
+
+
+def task_message(args: list, expires_s: float) -> tuple[str, bytes]:
+    """A Celery task message (protocol 2, JSON body) for the Redis transport, as
+    ``send_task(GENERATE_REQUEST, args, queue="generate", expires=...)`` would push it."""
+    tid = str(uuid.uuid4())
+    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+                      separators=(",", ":"))
+    expires = datetime.fromtimestamp(time.time() + expires_s, tz=timezone.utc).isoformat()
+    headers = {"lang": "py", "task": GENERATE_REQUEST, "id": tid, "shadow": None, "eta": None, "expires": expires,
+               "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": tid,
+               "parent_id": None, "argsrepr": None, "kwargsrepr": None, "origin": _ORIGIN, "ignore_result": True,
+               "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
+    props = {"correlation_id": tid, "reply_to": "", "delivery_mode": 2,
+             "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0, "body_encoding": "base64",
+             "delivery_tag": str(uuid.uuid4())}
+    msg = {"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
+           "content-type": "application/json", "headers": headers, "properties": props}
+    return tid, json.dumps(msg, separators=(",", ":")).encode()
+
+
+def _unavailable(e: Exception, svc: Services) -> HTTPException:
+    return HTTPException(503, f"generation is unavailable (queue unreachable: {type(e).__name__})",
+                         headers={"Retry-After": str(svc.settings.retry_after_s)})
+
 
 async def _publish(svc: Services, request: dict, timeout: float) -> str:
     reply_key = f"llama_svc:reply:{uuid.uuid4().hex}"
-    deadline = time.time() + timeout
+    _, payload = task_message([request, reply_key, time.time() + timeout], timeout)
     try:
-        await to_thread.run_sync(lambda: svc.celery.send_task(
-            GENERATE_REQUEST, args=[request, reply_key, deadline], queue="generate",
-            expires=timeout))
-    except Exception as e:
-        raise HTTPException(503, f"generation is unavailable (queue unreachable: {type(e).__name__})") from None
+        await svc.aredis.lpush(QUEUE, payload)
+    except (redis.RedisError, OSError) as e:
+        raise _unavailable(e, svc) from None
     return reply_key
 
 
 async def _pop(svc: Services, key: str, timeout: float) -> dict:
     try:
         got = await svc.aredis.blpop([key], timeout=max(1, int(timeout + 0.999)))
-    except redis.RedisError as e:
-        raise HTTPException(503, f"generation is unavailable (queue unreachable: {type(e).__name__})",
-                            headers={"Retry-After": str(svc.settings.retry_after_s)}) from None
+    except (redis.RedisError, OSError) as e:
+        raise _unavailable(e, svc) from None
     if got is None:
         raise HTTPException(503, "no generation worker answered in time; retry later",
                             headers={"Retry-After": str(svc.settings.retry_after_s)})
     msg = json.loads(got[1])
     if "error" in msg:
-        raise HTTPException(msg["error"]["status"], msg["error"]["message"])
+        err = msg["error"]
+        headers = {"Retry-After": str(err["retry_after"])} if err.get("retry_after") is not None else None
+        raise HTTPException(err["status"], err["message"], headers=headers)
     return msg
 
 
-async def call(svc: Services, request: dict) -> tuple[dict, float | None]:
-    """The worker's response and its own time in ms."""
+async def call(svc: Services, request: dict) -> dict:
+    """The worker's reply: ``response``, and its own time ``worker_ms`` and model ``cache`` state."""
     timeout = svc.settings.generate_timeout_s
     key = await _publish(svc, request, timeout)
-    msg = await _pop(svc, key, timeout)
-    return msg["response"], msg.get("worker_ms")
+    return await _pop(svc, key, timeout)
 
 
 async def stream(svc: Services, request: dict) -> AsyncIterator[dict]:  # awaited, then iterated

@@ -1,100 +1,438 @@
 """Generate-queue work: relayed generation requests and batch generation jobs.
 
-Relay protocol: the gateway publishes ``generate.request(request, reply_key, deadline)``;
-this worker answers on the Redis list ``reply_key``: ``{"response": ...}`` once, or for streams
-``{"chunk": ...}`` per chunk then ``{"done": true}``; failures as ``{"error": {"status", "message"}}``.
+Relay protocol: the gateway publishes ``generate.request(request, reply_key, deadline)`` with
+``request = {"api": "megatron" | "completions" | "chat", "team", "model", "body"}``; this worker
+answers on the Redis list ``reply_key``: ``{"response": ..., "worker_ms", "cache"}`` once, or for
+streams ``{"chunk": ...}`` per chunk then ``{"done": true, "worker_ms", "cache"}``; failures as
+``{"error": {"status", "message"[, "retry_after"]}}``. ``cache`` is ``"hit"`` when the model was
+already warm, ``"miss"`` when this request loaded it.
 
-A backend implements ``handle(request) -> response`` and ``stream(request) -> iterator of chunk
-dicts``, where ``request = {"api": "megatron" | "completions" | "chat", "team", "model", "body"}``
-and responses follow the Megatron ``PUT /api`` and OpenAI shapes. The worker runs with the solo
-pool (no fork), so models it loads stay warm across requests, evicted least-recently-used by
-memory (``LLAMA_SVC_MODEL_CACHE_BYTES``). The backend is ``shared.inference`` when that package
-offers ``make_backend(checkpoints, cache_dir, max_bytes)``; otherwise the transformers backend
-below (exports a native checkpoint to HF once, then decodes with HF's model and a KV cache).
+Concurrency. The worker runs Celery's solo pool: messages are executed inline, one at a time,
+in the worker's main thread. A relay task therefore only hands its request to a thread pool
+(``RELAY_THREADS`` threads) and returns at once, so Celery takes the next message immediately
+and concurrent requests meet in the runtime's scheduler, which batches them continuously.
+Batch ``generate`` jobs are handed to their own thread the same way, so a long job never stops
+the worker from taking relay requests (its prompts join the same batches). The solo pool (no
+fork) is also what lets loaded runtimes stay warm across requests, and lets a runtime with
+TP·PP > 1 start its own process group (spawned, never forked). On ``worker_shutdown`` every
+runtime is closed, which ends waiting requests with an error and stops the rank processes.
+
+Models are ``GenerationRuntime``s over checkpoints fetched once into a local cache directory
+(sha256-verified by the store), in the checkpoint's own layout (TP/PP from its manifest), kept
+warm in an LRU bounded by ``LLAMA_SVC_MODEL_CACHE_BYTES`` (a runtime's bytes are estimated from
+its checkpoint's file sizes). Whether a warm model is still the committed version is re-checked
+against the store at most every ``RECHECK_S`` seconds, not per request.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import logging
+import os
+import shutil
 import threading
 import time
-import uuid
 from collections import OrderedDict
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Callable, Iterator
 
-from services.worker import JobCancelled, Job, JobContext, app, checkpoint_store, job_task, settings
-from shared.jobs.transport import GENERATE_REQUEST
-from shared.storage import CheckpointNotFound
+from celery import signals
+
+from services.generate.runtime import GenerationRuntime, Overloaded, RequestError
+from services.worker import (Job, JobCancelled, JobContext, JobFailed, OwnershipLost, app, checkpoint_store, run_job,
+                             settings)
+from shared.jobs.transport import GENERATE_REQUEST, job_task_name
+from shared.storage import CheckpointNotFound, CheckpointStore
 
 log = logging.getLogger("llama_svc.generate")
 
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class Backend(Protocol):
-    def handle(self, request: dict) -> dict: ...
-
-    def stream(self, request: dict) -> Iterator[dict]: ...
+RELAY_THREADS = 64          # relay requests in flight at once (each mostly waits on the scheduler)
+RELAY_BACKLOG = 4 * RELAY_THREADS  # beyond this many waiting for a thread, answer 429
+RECHECK_S = 2.0             # how stale a warm model's "still the committed version" check may be
+REPLY_TTL_S = 120
 
 
-_backend: Backend | None = None
+# ---------------------------------------------------------------- the model cache
+@dataclass(eq=False)
+class _Entry:
+    key: tuple[str, str]
+    version: float
+    size: int
+    checked_at: float
+    runtime: GenerationRuntime | None = None
+    error: BaseException | None = None
+    users: int = 0
+    evicted: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def checkpoint_bytes(manifest: dict) -> int:
+    """Estimated memory of a served checkpoint: the size of its stored files."""
+    return sum(int(f.get("size", 0)) for f in manifest["storage"]["files"].values())
+
+
+class ModelCache:
+    """Warm ``GenerationRuntime``s by (team, checkpoint), least recently used evicted first.
+
+    ``lease`` loads a model on first use (concurrent first requests share one load) and keeps
+    it open while leased; an evicted runtime is closed when its last lease ends.
+    """
+
+    def __init__(self, checkpoints: CheckpointStore, cache_dir: Path, max_bytes: int,
+                 opener: Callable[[Path, str], GenerationRuntime],
+                 closer: Callable[[GenerationRuntime], None] = GenerationRuntime.close, recheck_s: float = RECHECK_S):
+        self.checkpoints, self.cache_dir, self.max_bytes = checkpoints, Path(cache_dir), max_bytes
+        self.opener, self.closer, self.recheck_s = opener, closer, recheck_s
+        self.loads = 0
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.size for e in self._entries.values())
+
+    def metrics(self) -> dict:
+        with self._lock:
+            return {"loads": self.loads, "models": [f"{t}/{n}" for t, n in self._entries],
+                    "bytes": self.used_bytes, "max_bytes": self.max_bytes}
+
+    @contextmanager
+    def lease(self, team: str, name: str) -> Iterator[tuple[GenerationRuntime, bool]]:
+        """(runtime, loaded_now) for the committed checkpoint ``team/name``."""
+        entry, loaded = self._acquire(team, name)
+        try:
+            yield entry.runtime, loaded
+        finally:
+            self._release(entry)
+
+    def _acquire(self, team: str, name: str) -> tuple[_Entry, bool]:
+        key = (team, name)
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None and e.ready.is_set() and e.error is None and \
+                    time.monotonic() - e.checked_at < self.recheck_s:
+                e.users += 1
+                self._entries.move_to_end(key)
+                return e, False
+        manifest = self.checkpoints.manifest(team, name)  # raises CheckpointNotFound
+        version = manifest["storage"]["committed_at"]
+        with self._lock:
+            e = self._entries.get(key)
+            load = e is None or e.version != version
+            if load:
+                if e is not None:  # re-committed under the same name: the warm one is stale
+                    self._evict(e)
+                e = _Entry(key, version, checkpoint_bytes(manifest), time.monotonic())
+                self._make_room(e)
+                self._entries[key] = e
+            else:
+                e.checked_at = time.monotonic()
+                self._entries.move_to_end(key)
+            e.users += 1
+        if load:
+            self._load(e, manifest)
+        else:
+            e.ready.wait()
+        if e.error is not None:
+            self._release(e)
+            raise e.error
+        return e, load
+
+    def _make_room(self, new: _Entry) -> None:
+        if new.size > self.max_bytes:
+            raise RequestError(507, f"model {new.key[1]!r} needs about {new.size} bytes, more than this worker's "
+                                    f"model cache holds ({self.max_bytes}); raise LLAMA_SVC_MODEL_CACHE_BYTES")
+        for old in list(self._entries.values()):
+            if self.used_bytes + new.size <= self.max_bytes:
+                break
+            log.info("evicting model %s/%s from memory", *old.key)
+            self._evict(old)
+
+    def _evict(self, e: _Entry) -> None:
+        """Drop from the cache (lock held); closed now if unused, else by its last lease."""
+        self._entries.pop(e.key, None)
+        e.evicted = True
+        if e.users == 0:
+            threading.Thread(target=self._close, args=(e,), daemon=True, name="runtime-close").start()
+
+    def _load(self, e: _Entry, manifest: dict) -> None:
+        team, name = e.key
+        try:
+            base = self.cache_dir / team / name
+            src = self.checkpoints.fetch(team, name, base / "files")
+            e.runtime = self.opener(_servable_dir(src, manifest, base / "hf"), name)
+            with self._lock:
+                self.loads += 1
+            log.info("loaded model %s/%s (%d bytes)", team, name, e.size)
+        except BaseException as err:  # noqa: BLE001 - every waiter sees it
+            e.error = err
+            with self._lock:
+                if self._entries.get(e.key) is e:
+                    del self._entries[e.key]
+        finally:
+            e.ready.set()
+
+    def _release(self, e: _Entry) -> None:
+        with self._lock:
+            e.users -= 1
+            close = e.evicted and e.users == 0
+        if close:
+            self._close(e)
+
+    def _close(self, e: _Entry) -> None:
+        e.ready.wait()
+        if e.runtime is not None:
+            self.closer(e.runtime)
+
+    def close(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for e in entries:
+            e.evicted = True
+            self._close(e)
+
+
+def _servable_dir(src: Path, manifest: dict, view: Path) -> Path:
+    """The directory to open: a native checkpoint as fetched; an HF upload through a view
+    without the store's ``manifest.json`` (which would mark it as native)."""
+    if manifest.get("format") != "hf":
+        return src
+    tmp = view.with_name(f".{view.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name != "manifest.json":
+            (tmp / p.name).symlink_to(p.resolve())
+    shutil.rmtree(view, ignore_errors=True)
+    os.replace(tmp, view)
+    return view
+
+
+def _torch_threads() -> int:
+    return int(os.environ.get("LLAMA_SVC_TORCH_THREADS") or 0) or max(1, (os.cpu_count() or 2) // 2)
+
+
+# The in-process engine keeps its weights in per-process state, so only one runtime per worker
+# process may run in-process; other TP = PP = 1 models get a rank process of their own.
+_in_process_lock = threading.Lock()
+_in_process_holder: list[GenerationRuntime | None] = [None]
+_CLAIMED = object()
+
+
+def open_runtime(path: Path, name: str) -> GenerationRuntime:
+    """A runtime in the checkpoint's stored layout; TP·PP > 1 starts its own spawned ranks."""
+    import torch
+
+    threads = _torch_threads()
+    torch.set_num_threads(threads)  # an in-process engine computes in this process
+    with _in_process_lock:
+        claim = _in_process_holder[0] is None
+        if claim:
+            _in_process_holder[0] = _CLAIMED
+    try:
+        rt = GenerationRuntime(path, model_name=name, threads=threads, in_process=None if claim else False)
+    except BaseException:
+        if claim:
+            _in_process_holder[0] = None
+        raise
+    if claim:
+        _in_process_holder[0] = rt if rt.engine.in_process else None
+    return rt
+
+
+def close_runtime(rt: GenerationRuntime) -> None:
+    rt.close()
+    with _in_process_lock:
+        if _in_process_holder[0] is rt:
+            _in_process_holder[0] = None
+
+
+# ---------------------------------------------------------------- the backend
+class RuntimeBackend:
+    """Answers relay requests (Megatron ``PUT /api``, OpenAI completions and chat) from the
+    model cache. ``handle`` returns the response; ``stream`` yields the OpenAI chunks."""
+
+    def __init__(self, models: ModelCache):
+        self.models = models
+
+    def handle(self, request: dict) -> dict:
+        return self.handle_timed(request)[0]
+
+    def handle_timed(self, request: dict) -> tuple[dict, bool]:
+        """(response, whether this request loaded the model)."""
+        api, body = _parse(request)
+        with self.models.lease(request["team"], request["model"]) as (rt, loaded):
+            if api == "megatron":
+                return rt.api(body), loaded
+            if api == "completions":
+                return rt.completions(body), loaded
+            return rt.chat_completions(body), loaded
+
+    def stream(self, request: dict) -> Iterator[dict]:
+        return self.stream_timed(request)[0]
+
+    def stream_timed(self, request: dict) -> tuple[Iterator[dict], bool]:
+        """(chunks, whether this request loaded the model). A bad request raises here, before
+        any chunk; the model stays leased until the chunks are consumed or closed."""
+        api, body = _parse(request)
+        if api == "megatron":
+            raise RequestError(400, "the Megatron API does not stream; drop `stream`")
+        lease = self.models.lease(request["team"], request["model"])
+        rt, loaded = lease.__enter__()
+        try:
+            chunks = rt.stream_completions(body) if api == "completions" else rt.stream_chat(body)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
+
+        def gen():
+            try:
+                yield from chunks
+            finally:
+                chunks.close()
+                lease.__exit__(None, None, None)
+
+        return gen(), loaded
+
+    def close(self) -> None:
+        self.models.close()
+
+
+def _parse(request: dict) -> tuple[str, dict]:
+    api, body = request.get("api"), request.get("body")
+    if api not in ("megatron", "completions", "chat"):
+        raise RequestError(400, f"unknown api {api!r}; use megatron, completions or chat")
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    for k in ("team", "model"):
+        if not isinstance(request.get(k), str):
+            raise RequestError(400, f"the request names no {k}")
+    return api, body
+
+
+_backend: RuntimeBackend | None = None
+_relay_pool: cf.ThreadPoolExecutor | None = None
+_job_pool: cf.ThreadPoolExecutor | None = None
+_backlog = 0
 _lock = threading.Lock()
+_stopping = threading.Event()
 
 
-def get_backend() -> Backend:
+def get_backend() -> RuntimeBackend:
     global _backend
     with _lock:
+        if _stopping.is_set():
+            raise RequestError(503, "the generation worker is shutting down; retry")
         if _backend is None:
-            cache = settings.data_dir / "model-cache"
-            try:
-                from shared.inference import make_backend  # the engine, when present
-            except ImportError:
-                make_backend = None
-            if make_backend is not None:
-                _backend = make_backend(checkpoint_store(), cache, settings.model_cache_bytes)
-            else:
-                _backend = TransformersBackend(cache, settings.model_cache_bytes)
+            cache = ModelCache(checkpoint_store(), settings.data_dir / "model-cache", settings.model_cache_bytes,
+                               open_runtime, close_runtime)
+            _backend = RuntimeBackend(cache)
         return _backend
+
+
+def _pools() -> tuple[cf.ThreadPoolExecutor, cf.ThreadPoolExecutor]:
+    global _relay_pool, _job_pool
+    with _lock:
+        if _relay_pool is None:
+            _relay_pool = cf.ThreadPoolExecutor(RELAY_THREADS, thread_name_prefix="relay")
+            _job_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="generate-job")
+        return _relay_pool, _job_pool
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(sender=None, **_):
+    """Close every runtime (ends waiting requests, stops rank processes) and the thread pools.
+    A batch job cut short here is left running in its record: the reaper re-queues it."""
+    global _backend
+    _stopping.set()
+    pools = [p for p in (_relay_pool, _job_pool) if p is not None]
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+    with _lock:
+        backend, _backend = _backend, None
+    if backend is not None:
+        n = len(backend.models.metrics()["models"])
+        backend.close()
+        log.info("closed %d warm model(s)", n)
+    for pool in pools:
+        pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------- relay task
 @app.task(name=GENERATE_REQUEST, acks_late=False, ignore_result=True)
 def generate_request(request: dict, reply_key: str, deadline: float) -> None:
-    import redis
+    """Hands the request to the relay threads and returns (see the module docstring)."""
+    global _backlog
+    relay, _ = _pools()
+    with _lock:
+        refuse = _stopping.is_set() or _backlog >= RELAY_BACKLOG
+        if not refuse:
+            _backlog += 1
+    if refuse:
+        status, why = (503, "is shutting down") if _stopping.is_set() else (429, "is at capacity")
+        _reply(reply_key, {"error": {"status": status, "message": f"the generation worker {why}; retry shortly",
+                                     "retry_after": 1}})
+        return
+    relay.submit(_answer_queued, request, reply_key, deadline)
 
-    r = _redis()
+
+def _answer_queued(request: dict, reply_key: str, deadline: float) -> None:
+    global _backlog
+    with _lock:
+        _backlog -= 1
+    answer(request, reply_key, deadline)
+
+
+def answer(request: dict, reply_key: str, deadline: float, backend: RuntimeBackend | None = None) -> None:
+    """Answer one relayed request on ``reply_key``; never raises."""
     if time.time() > deadline:
         return  # the gateway already gave up on this request
     t0 = time.perf_counter()
     try:
-        backend = get_backend()
-        if request.get("body", {}).get("stream"):
-            for chunk in backend.stream(request):
-                r.rpush(reply_key, json.dumps({"chunk": chunk}))
-            r.rpush(reply_key, json.dumps({"done": True, "worker_ms": (time.perf_counter() - t0) * 1e3}))
+        backend = backend or get_backend()
+        if (request.get("body") or {}).get("stream"):
+            it, loaded = backend.stream_timed(request)
+            with closing(it):
+                for i, chunk in enumerate(it):
+                    if i == 0:
+                        _reply(reply_key, {"chunk": chunk})
+                    else:
+                        _redis().rpush(reply_key, _dumps({"chunk": chunk}))
+            msg = {"done": True}
         else:
-            resp = backend.handle(request)
-            r.rpush(reply_key, json.dumps({"response": resp, "worker_ms": (time.perf_counter() - t0) * 1e3}))
+            resp, loaded = backend.handle_timed(request)
+            msg = {"response": resp}
+        msg.update(worker_ms=(time.perf_counter() - t0) * 1e3, cache="miss" if loaded else "hit")
     except RequestError as e:
-        r.rpush(reply_key, json.dumps({"error": {"status": e.status, "message": e.message}}))
+        msg = {"error": {"status": e.status_code, "message": e.message}}
+    except Overloaded as e:
+        msg = {"error": {"status": 429, "message": str(e), "retry_after": e.retry_after}}
     except CheckpointNotFound:
-        r.rpush(reply_key, json.dumps({"error": {"status": 404, "message": f"model {request.get('model')!r} not found"}}))
-    except (ValueError, TypeError) as e:
-        r.rpush(reply_key, json.dumps({"error": {"status": 400, "message": str(e)}}))
-    except Exception as e:
+        msg = {"error": {"status": 404, "message": f"model {request.get('model')!r} not found"}}
+    except Exception as e:  # noqa: BLE001 - reported to the caller
         log.exception("generation failed")
-        r.rpush(reply_key, json.dumps({"error": {"status": 500, "message": f"{type(e).__name__}: {e}"}}))
-    finally:
-        try:
-            r.expire(reply_key, 120)
-        except redis.RedisError:
-            pass
+        msg = {"error": {"status": 500, "message": f"{type(e).__name__}: {e}"}}
+    _reply(reply_key, msg)
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _reply(key: str, msg: dict) -> None:
+    import redis
+
+    try:
+        pipe = _redis().pipeline(transaction=False)
+        pipe.rpush(key, _dumps(msg))
+        pipe.expire(key, REPLY_TTL_S)
+        pipe.execute()
+    except redis.RedisError as e:  # the gateway times out; nothing else to tell
+        log.warning("could not reply on %s: %s", key, e)
 
 
 _r = None
@@ -105,215 +443,62 @@ def _redis():
     if _r is None:
         import redis
 
-        _r = redis.Redis.from_url(settings.redis_url)
+        _r = redis.Redis.from_url(settings.redis_url, max_connections=RELAY_THREADS + 8)
     return _r
 
 
 # ---------------------------------------------------------------- batch generation job
-@job_task("generate")
-def generate_job(job: Job, ctx: JobContext) -> dict:
-    """Prompts run one request at a time so a cancel takes effect between them."""
+def generate_job(job: Job, ctx: JobContext, backend: RuntimeBackend | None = None) -> dict:
+    """Every prompt is its own sequence in the runtime's batches (at most ``max_batch`` of this
+    job's at once, so relayed requests still get rows); a cancel stops it between sequences."""
     p = job.params
-    body = {k: v for k, v in p.items() if k not in ("model", "kind")}
-    prompts, texts = body.pop("prompts"), []
-    backend = get_backend()
-    for i, prompt in enumerate(prompts):
-        if ctx.should_cancel():
-            raise JobCancelled("cancelled")
-        out = backend.handle({"api": "megatron", "team": job.team, "model": p["model"],
-                              "body": {**body, "prompts": [prompt]}})
-        texts.append(out["text"][0])
-        ctx.store.set_progress(job.id, job.attempts, {"phase": "generate", "current": i + 1, "total": len(prompts),
-                                                      "unit": "prompts"})
+    body = {k: v for k, v in p.items() if k not in ("model", "kind", "prompts") and v is not None}
+    prompts = p["prompts"]
+    backend = backend or get_backend()
+    try:
+        with backend.models.lease(job.team, p["model"]) as (rt, _):
+            texts = _generate_all(rt, body, prompts, ctx, job)
+    except CheckpointNotFound:
+        raise JobFailed(f"model {p['model']!r} not found") from None
+    except RequestError as e:
+        raise JobFailed(f"{e.message} (status {e.status_code})") from None
     return {"text": texts}
 
 
-# ---------------------------------------------------------------- the transformers backend
-class ModelCache:
-    """LRU of loaded models, bounded by the bytes of their weights."""
+def _generate_all(rt: GenerationRuntime, body: dict, prompts: list[str], ctx: JobContext, job: Job) -> list[str]:
+    width = max(1, rt.engine.max_batch)
+    texts: list[str | None] = [None] * len(prompts)
+    with cf.ThreadPoolExecutor(width, thread_name_prefix="generate-job-seq") as pool:
+        pending: dict[cf.Future, int] = {}
+        nxt = done = 0
+        while done < len(prompts):
+            if _stopping.is_set():
+                raise OwnershipLost(job.id)
+            if ctx.should_cancel():
+                for f in pending:
+                    f.cancel()
+                raise JobCancelled("cancelled")
+            while nxt < len(prompts) and len(pending) < width:
+                pending[pool.submit(rt.api, {**body, "prompts": [prompts[nxt]]})] = nxt
+                nxt += 1
+            finished, _ = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                i = pending.pop(f)
+                try:
+                    texts[i] = f.result()["text"][0]
+                except RequestError:
+                    if _stopping.is_set():
+                        raise OwnershipLost(job.id) from None
+                    raise
+                done += 1
+            if finished:
+                ctx.store.set_progress(job.id, job.attempts, {"phase": "generate", "current": done,
+                                                              "total": len(prompts), "unit": "prompts"})
+    return texts
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.items = max_bytes, OrderedDict()
 
-    def get(self, key, load):
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key][0]
-        value, size = load()
-        while self.items and sum(s for _, s in self.items.values()) + size > self.max_bytes:
-            old, _ = self.items.popitem(last=False)
-            log.info("evicted model %s from memory", old)
-        self.items[key] = (value, size)
-        return value
-
-
-class TransformersBackend:
-    def __init__(self, cache_dir: Path, max_bytes: int):
-        self.cache_dir, self.models = Path(cache_dir), ModelCache(max_bytes)
-
-    # -- loading
-    def _load(self, team: str, name: str):
-        store = checkpoint_store()
-        try:
-            manifest = store.manifest(team, name)
-        except ValueError as e:
-            raise RequestError(404, f"model {name!r} not found ({e})") from None
-        key = (team, name, manifest["storage"]["committed_at"])
-        return self.models.get(key, lambda: self._load_files(team, name, manifest))
-
-    def _load_files(self, team: str, name: str, manifest: dict):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        store = checkpoint_store()
-        base = self.cache_dir / team / name
-        src = store.fetch(team, name, base / "files")
-        if (src / "config.json").exists():
-            hf_dir = src
-        else:  # a native checkpoint: export it to HF once (cached beside it)
-            hf_dir = base / "hf"
-            if not (hf_dir / "config.json").exists():
-                from shared.checkpoint.convert import ConvertOptions, convert
-
-                convert(ConvertOptions(load_dir=src, save_dir=hf_dir, loader="mcore", saver="hf", overwrite=True,
-                                      validate=False))
-        tok = AutoTokenizer.from_pretrained(hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        return (model, tok), size
-
-    # -- decoding
-    def _tokens(self, model, tok, ids: list[int], body: dict, max_new: int, stop_ids: set[int]) -> Iterator[int]:
-        import torch
-
-        gen = torch.Generator().manual_seed(int(body["random_seed"])) if body.get("random_seed") is not None else None
-        temperature = float(body.get("temperature") or 1.0)
-        top_k, top_p = int(body.get("top_k") or 0), float(body.get("top_p") or 0.0)
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([ids]), use_cache=True)
-            for _ in range(max_new):
-                logits = out.logits[0, -1].float()
-                if top_k == 1:
-                    nxt = int(logits.argmax())
-                else:
-                    logits = logits / temperature
-                    if top_k > 1:
-                        kth = torch.topk(logits, top_k).values[-1]
-                        logits[logits < kth] = float("-inf")
-                    probs = torch.softmax(logits, -1)
-                    if 0 < top_p < 1:
-                        sp, si = torch.sort(probs, descending=True)
-                        drop = sp.cumsum(0) - sp > top_p
-                        sp[drop] = 0
-                        probs = torch.zeros_like(probs).scatter(0, si, sp)
-                    nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
-                yield nxt
-                if nxt in stop_ids:
-                    return
-                out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-
-    @staticmethod
-    def _logprobs(model, ids: list[int]) -> list[float]:
-        import torch
-
-        with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-        return lp.tolist()
-
-    def _stop_ids(self, tok, body: dict) -> set[int]:
-        if body.get("ignore_eos"):
-            return set()
-        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        return ids | set(body.get("stop_token_ids") or [])
-
-    def _prompt_ids(self, tok, request: dict) -> list[int]:
-        body = request["body"]
-        if request["api"] == "chat":
-            return list(tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True,
-                                                return_dict=False))
-        return list(tok(body["prompt"] if request["api"] == "completions" else body["prompts"][0]).input_ids)
-
-    def handle(self, request: dict) -> dict:
-        if request["api"] == "megatron":
-            return self._megatron(request)
-        chunks = list(self.stream({**request, "body": {**request["body"], "stream": True}}))
-        text = "".join(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or ""
-                       for c in chunks)
-        finish = chunks[-1]["choices"][0]["finish_reason"] if chunks else "length"
-        usage = chunks[-1].get("usage") if chunks else None
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if request["api"] == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-            obj = "chat.completion"
-        else:
-            choice["text"] = text
-            obj = "text_completion"
-        return {"id": chunks[0]["id"] if chunks else f"cmpl-{uuid.uuid4().hex}", "object": obj,
-                "created": int(time.time()), "model": request["model"], "choices": [choice], "usage": usage}
-
-    def _megatron(self, request: dict) -> dict:
-        body = request["body"]
-        model, tok = self._load(request["team"], request["model"])
-        texts, segments, logprobs = [], [], []
-        for prompt in body["prompts"]:
-            ids = list(tok(prompt).input_ids)
-            new = list(self._tokens(model, tok, ids, body, int(body.get("tokens_to_generate", 64)),
-                                    self._stop_ids(tok, body)))
-            full = ids + new
-            texts.append(tok.decode(full, skip_special_tokens=True))
-            segments.append([tok.decode([t]) for t in full])
-            if body.get("logprobs"):
-                logprobs.append(self._logprobs(model, full))
-        return {"text": texts, "segments": segments, "logprobs": logprobs if body.get("logprobs") else None}
-
-    def stream(self, request: dict) -> Iterator[dict]:
-        body, api = request["body"], request["api"]
-        model, tok = self._load(request["team"], request["model"])
-        ids = self._prompt_ids(tok, request)
-        stops = [body["stop"]] if isinstance(body.get("stop"), str) else list(body.get("stop") or [])
-        max_new = int(body.get("max_tokens") or 16)
-        cid, created = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        greedy = body.get("temperature") == 0  # OpenAI's temperature 0 means greedy
-        sampling = {**body, "top_k": 1 if greedy else body.get("top_k", 0), "random_seed": body.get("seed"),
-                    "temperature": body.get("temperature") or 1.0}
-
-        def chunk(text: str | None, finish: str | None, usage=None) -> dict:
-            c = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if api == "chat":
-                c["delta"] = {"content": text} if text is not None else {}
-            else:
-                c["text"] = text or ""
-            out = {"id": cid, "object": "chat.completion.chunk" if api == "chat" else "text_completion",
-                   "created": created, "model": request["model"], "choices": [c]}
-            if usage:
-                out["usage"] = usage
-            return out
-
-        if api == "chat":
-            yield {**chunk(None, None), "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-        new, sent, finish, cut = [], "", "length", False
-        for t in self._tokens(model, tok, ids, sampling, max_new, self._stop_ids(tok, body)):
-            if t in self._stop_ids(tok, body):
-                finish = "stop"
-                break
-            new.append(t)
-            text = tok.decode(new, skip_special_tokens=True)
-            hit = min((text.find(s) for s in stops if s and s in text), default=-1)
-            if hit >= 0:
-                if hit > len(sent):
-                    yield chunk(text[len(sent):hit], None)
-                finish, sent, cut = "stop", text[:hit], True
-                break
-            # hold back a tail that could still grow into a stop string
-            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            safe = text[:len(text) - hold]
-            if len(safe) > len(sent) and not safe.endswith("\ufffd"):
-                yield chunk(safe[len(sent):], None)
-                sent = safe
-        if not cut:
-            text = tok.decode(new, skip_special_tokens=True)
-            if len(text) > len(sent):
-                yield chunk(text[len(sent):], None)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)}
-        yield chunk(None if api == "chat" else "", finish, usage)
+@app.task(name=job_task_name("generate"), acks_late=False, ignore_result=True)
+def generate_job_task(job_id: str, dispatch: int) -> None:
+    """The job policy of ``services.worker.run_job``, on the job thread (see the module docstring)."""
+    _, jobs = _pools()
+    jobs.submit(run_job, generate_job, job_id, dispatch)

@@ -16,6 +16,7 @@ from gateway.auth import Team
 
 router = APIRouter(tags=["generation"])
 ERRORS = {404: {"description": "unknown model"}, 422: {"description": "invalid request"},
+          429: {"description": "the generation worker is at capacity; retry after `Retry-After` seconds"},
           503: {"description": "no worker available"}}
 
 
@@ -29,7 +30,7 @@ async def _check(svc, team: str, model: str | None, max_new: int, prompts: list[
         raise HTTPException(422, f"a prompt is longer than {s.max_prompt_chars} characters")
     if max_new > s.max_new_tokens:
         raise HTTPException(422, f"at most {s.max_new_tokens} new tokens per request")
-    if not await to_thread.run_sync(svc.checkpoints.exists, team, model):
+    if not await relay.model_exists(svc, team, model):
         raise HTTPException(404, f"model {model!r} not found")
     return model
 
@@ -39,23 +40,33 @@ async def megatron_api(req: MegatronRequest, svc: Svc, team: Team, response: Res
     """Megatron's text generation server contract."""
     model = await _check(svc, team, req.model, req.tokens_to_generate, req.prompts)
     t0 = time.perf_counter()
-    resp, worker_ms = await relay.call(svc, {"api": "megatron", "team": team, "model": model,
-                                             "body": req.model_dump(exclude={"model"})})
-    if worker_ms is not None:
-        response.headers["X-Worker-Time-Ms"] = f"{worker_ms:.3f}"
+    # only the fields the client sent: Megatron validates a present field even at its default
+    body = req.model_dump(exclude={"model"}, exclude_unset=True, exclude_none=True)
+    msg = await relay.call(svc, {"api": "megatron", "team": team, "model": model, "body": body})
+    _timing_headers(response, msg)
     svc.metrics.gen_latency.labels("megatron").observe(time.perf_counter() - t0)
     svc.metrics.gen_tokens.labels("megatron").inc(req.tokens_to_generate * len(req.prompts))
-    return resp
+    return msg["response"]
 
 
-async def _openai(svc, team: str, api: str, req, prompts: list[str]):
+def _timing_headers(response: Response, msg: dict) -> None:
+    """The worker's own time, and whether the model was warm (``hit``) or loaded (``miss``)."""
+    if msg.get("worker_ms") is not None:
+        response.headers["X-Worker-Time-Ms"] = f"{msg['worker_ms']:.3f}"
+    if msg.get("cache"):
+        response.headers["X-Model-Cache"] = msg["cache"]
+
+
+async def _openai(svc, team: str, api: str, req, prompts: list[str], response: Response):
     model = await _check(svc, team, req.model, req.max_tokens, prompts)
     request = {"api": api, "team": team, "model": model, "body": req.model_dump(exclude={"model"})}
     t0 = time.perf_counter()
     if not req.stream:
-        resp, _ = await relay.call(svc, request)
+        msg = await relay.call(svc, request)
+        resp = msg["response"]
         svc.metrics.gen_latency.labels(api).observe(time.perf_counter() - t0)
         svc.metrics.gen_tokens.labels(api).inc((resp.get("usage") or {}).get("completion_tokens", 0))
+        _timing_headers(response, msg)
         return resp
     chunks = await relay.stream(svc, request)
 
@@ -71,15 +82,15 @@ async def _openai(svc, team: str, api: str, req, prompts: list[str]):
 
 
 @router.post("/v1/completions", responses=ERRORS)
-async def completions(req: CompletionRequest, svc: Svc, team: Team):
+async def completions(req: CompletionRequest, svc: Svc, team: Team, response: Response):
     """OpenAI-compatible completions; `stream: true` relays SSE chunks from the worker."""
-    return await _openai(svc, team, "completions", req, [req.prompt])
+    return await _openai(svc, team, "completions", req, [req.prompt], response)
 
 
 @router.post("/v1/chat/completions", responses=ERRORS)
-async def chat_completions(req: ChatRequest, svc: Svc, team: Team):
+async def chat_completions(req: ChatRequest, svc: Svc, team: Team, response: Response):
     """OpenAI-compatible chat completions (the checkpoint tokenizer's chat template)."""
-    return await _openai(svc, team, "chat", req, [m.content for m in req.messages])
+    return await _openai(svc, team, "chat", req, [m.content for m in req.messages], response)
 
 
 @router.get("/v1/models", response_model=ModelList)
