@@ -100,7 +100,7 @@ def test_team_isolation(stack):
 def test_cancel_running_conversion(stack, medium_hf):
     a = client(stack, "team-a")
     a.upload_checkpoint("medium", medium_hf)
-    job = a.submit("convert", source="medium", output="medium-cancelled", target_tp=2, check_parity=False)
+    job = a.submit("convert", source="medium", output="medium-cancelled", target_tp=2, check_parity=True)  # the parity check gives a window to cancel in
     wait_state(a, job["id"], lambda j: j["state"] == "running" and (j["progress"] or {}).get("phase") not in
                (None, "fetch"), what="a running conversion")
     assert a.cancel(job["id"])["cancel_requested"]
