@@ -216,39 +216,17 @@ def _torch_threads() -> int:
     return int(os.environ.get("LLAMA_SVC_TORCH_THREADS") or 0) or max(1, (os.cpu_count() or 2) // 2)
 
 
-# The in-process engine keeps its weights in per-process state, so only one runtime per worker
-# process may run in-process; other TP = PP = 1 models get a rank process of their own.
-_in_process_lock = threading.Lock()
-_in_process_holder: list[GenerationRuntime | None] = [None]
-_CLAIMED = object()
-
-
 def open_runtime(path: Path, name: str) -> GenerationRuntime:
     """A runtime in the checkpoint's stored layout; TP·PP > 1 starts its own spawned ranks."""
     import torch
 
     threads = _torch_threads()
     torch.set_num_threads(threads)  # an in-process engine computes in this process
-    with _in_process_lock:
-        claim = _in_process_holder[0] is None
-        if claim:
-            _in_process_holder[0] = _CLAIMED
-    try:
-        rt = GenerationRuntime(path, model_name=name, threads=threads, in_process=None if claim else False)
-    except BaseException:
-        if claim:
-            _in_process_holder[0] = None
-        raise
-    if claim:
-        _in_process_holder[0] = rt if rt.engine.in_process else None
-    return rt
+    return GenerationRuntime(path, model_name=name, threads=threads)
 
 
 def close_runtime(rt: GenerationRuntime) -> None:
     rt.close()
-    with _in_process_lock:
-        if _in_process_holder[0] is rt:
-            _in_process_holder[0] = None
 
 
 # ---------------------------------------------------------------- the backend

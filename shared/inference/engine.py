@@ -8,6 +8,7 @@ per-call hand-off to worker processes; otherwise a ``ProcessGroupPool`` holds th
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -83,7 +84,8 @@ class Engine:
         if self.in_process and tp * pp != 1:
             raise ValueError("in-process mode needs TP = PP = 1")
         self.threads, self.timeout_s = threads, timeout_s
-        self._load_args = (self.source, self.dtype, max_batch, self.max_seq, prefill_chunk, cuda_graphs)
+        self._key = f"engine-{uuid.uuid4().hex}"  # this engine's model state on each rank
+        self._load_args = (self._key, self.source, self.dtype, max_batch, self.max_seq, prefill_chunk, cuda_graphs)
         self._special: dict[str, tuple[int, ...]] | None = None
         self._lock = threading.Lock()
         self._pool = pool
@@ -141,8 +143,8 @@ class Engine:
         with self._lock:
             try:
                 if self.in_process:
-                    return W.run_plan(self._ctx, plan) or {}
-                results = self._pool.run(self.dims, W.run_plan, plan)
+                    return W.run_plan(self._ctx, self._key, plan) or {}
+                results = self._pool.run(self.dims, W.run_plan, self._key, plan)
                 return results[self.dims.rank(0, self.dims.pp - 1)] or {}
             except BaseException:
                 self._recover()
@@ -151,7 +153,7 @@ class Engine:
     def _recover(self) -> None:
         self.restarts += 1
         if self.in_process:
-            W.reset(self._ctx)
+            W.reset(self._ctx, self._key)
             return
         # a failed rank may have left its peers inside a collective: the pool is then rebuilt
         # (ours here, a shared one by its owner on the next run) and the model reloaded
@@ -159,7 +161,7 @@ class Engine:
             self._start()
             return
         try:
-            if all(self._pool.run(self.dims, W.reset, timeout_s=60)):
+            if all(self._pool.run(self.dims, W.reset, self._key, timeout_s=60)):
                 return
             self._pool.run(self.dims, W.load, *self._load_args)
         except RemoteError:
@@ -172,13 +174,13 @@ class Engine:
         with self._lock:
             if self.in_process:
                 if self._ctx is not None:
-                    W.unload(self._ctx)
+                    W.unload(self._ctx, self._key)
                     self._ctx = None
             elif self._pool is not None:
                 if self._own_pool:
                     self._pool.close()
                 else:
-                    self._pool.run(self.dims, W.unload)
+                    self._pool.run(self.dims, W.unload, self._key)
                 self._pool = None
 
     # ---- a blocking batch API (reference comparisons, benchmarks) ------------------------------

@@ -25,7 +25,6 @@ from shared.parallel.launcher import worker_state
 from shared.parallel.pipeline import broadcast_from_last_stage, pipeline_forward
 from shared.parallel.state import ParallelContext
 
-_KEY = "inference"
 
 
 @dataclass
@@ -207,28 +206,31 @@ class Worker:
 
 # ---- rank functions (module level, so spawned workers can import them) ---------------------
 
-def load(ctx: ParallelContext, source: ModelSource, dtype: torch.dtype | None, max_batch: int, max_seq: int,
-         prefill_chunk: int, cuda_graphs: bool) -> dict:
+# A process may hold several engines' models (e.g. two small models in one generate worker):
+# each engine's state lives under its own key.
+
+def load(ctx: ParallelContext, key: str, source: ModelSource, dtype: torch.dtype | None, max_batch: int,
+         max_seq: int, prefill_chunk: int, cuda_graphs: bool) -> dict:
     w = Worker(ctx, source, dtype, max_batch, max_seq, prefill_chunk, cuda_graphs)
-    worker_state()[_KEY] = w
+    worker_state()[key] = w
     return {"rank": ctx.rank, "dtype": str(w.stage.dtype), "device": str(ctx.device)}
 
 
-def run_plan(ctx: ParallelContext, plan: Plan) -> dict[int, SlotOutput] | None:
-    w = worker_state().get(_KEY)
+def run_plan(ctx: ParallelContext, key: str, plan: Plan) -> dict[int, SlotOutput] | None:
+    w = worker_state().get(key)
     if w is None:
         raise RuntimeError("no model is loaded on this rank; call load first")
     with torch.no_grad():
         return w.run(plan)
 
 
-def reset(ctx: ParallelContext) -> bool:
+def reset(ctx: ParallelContext, key: str) -> bool:
     """Forget every sequence (after a failed plan); the weights stay. False if none are loaded."""
-    w = worker_state().get(_KEY)
+    w = worker_state().get(key)
     if w is not None:
         w.slots.clear()
     return w is not None
 
 
-def unload(ctx: ParallelContext) -> None:
-    worker_state().pop(_KEY, None)
+def unload(ctx: ParallelContext, key: str) -> None:
+    worker_state().pop(key, None)

@@ -56,8 +56,14 @@ def _worker(rank: int, world: int, backend: str, port: int, inbox, outbox, threa
                             timeout=timedelta(seconds=timeout_s))
     contexts: dict[ParallelDims, ParallelContext | None] = {}
     outbox.put((rank, True, "ready"))
+    parent = os.getppid()
     while True:
-        msg = inbox.get()
+        try:
+            msg = inbox.get(timeout=2.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the owner died (e.g. SIGKILL): do not linger as an orphan
+                os._exit(1)
+            continue
         if msg is None:
             break
         dims, fn, args = msg
