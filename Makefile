@@ -26,5 +26,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+serve: setup
+	$(PY) -m services.stack
+
+bench: setup
+	$(PY) bench/generate.py
+	$(PY) bench/convert.py
+	$(PY) bench/train.py
+	$(PY) -m bench.service
+	$(PY) bench/eval.py
+
 clean:
 	rm -rf $(VENV) .data

@@ -8,6 +8,7 @@ and where the checkpoint lives, and shuts down.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ def _bar(e: dict) -> str:
 def main() -> int:
     hf = smollm2_hf_dir()
     data = ROOT / ".data" / "demo"
+    shutil.rmtree(data, ignore_errors=True)  # the previous demo's stack and checkpoints
     t0 = time.time()
     with LocalStack(data) as stack:
         print(f"stack up at {stack.url} in {time.time() - t0:.1f}s (docs: {stack.url}/docs)")
