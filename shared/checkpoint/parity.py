@@ -83,21 +83,35 @@ def _rows(t: torch.Tensor, cfg: ModelConfig, name: str) -> torch.Tensor:
     return t[: cfg.vocab_size] if name in ("model.embed_tokens.weight", "lm_head.weight") else t
 
 
-def _candidate(cfg: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype) -> Callable:
+def _candidate(cfg: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype):
     from shared.model import load_hf_single
 
     state = {n: get(n).to(dtype).to(torch.float32) for n in L.hf_names(cfg)}
-    model = load_hf_single(cfg, state, torch.float32)
-    return lambda ids: model(ids)
+    return load_hf_single(cfg, state, torch.float32)
 
 
 @torch.no_grad()
-def _greedy(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, n: int) -> list[int]:
-    out = []
+def _greedy_hf(model, ids: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens, decoding with transformers' own KV cache."""
+    out, past, step = [], None, ids
     for _ in range(n):
-        nxt = forward(ids)[:, -1].argmax(-1)
+        res = model(input_ids=step, cache=past, use_cache=True)
+        past, nxt = res.cache, res.logits[:, -1].argmax(-1)
         out.append(int(nxt))
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        step = nxt.view(1, 1)
+    return out
+
+
+@torch.no_grad()
+def _greedy_ours(model, ids: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens, decoding with our KV cache (slot = position)."""
+    cache = model.new_cache(1, ids.shape[1] + n)
+    logits, out = model(ids, cache=cache), []
+    for i in range(n):
+        nxt = logits[:, -1].argmax(-1)
+        out.append(int(nxt))
+        pos = torch.full((1, 1), ids.shape[1] + i)
+        logits = model(nxt.view(1, 1), position_ids=pos, cache=cache)
     return out
 
 
@@ -113,15 +127,14 @@ def check_parity(cfg: ModelConfig, reference: Callable[[str], torch.Tensor], can
     """Compare logits and greedy continuations of the two weight sets on fixed prompts."""
     t0 = time.monotonic()
     ref_model = _hf_reference(cfg, reference, dtype)
-    ref = lambda ids: ref_model(input_ids=ids).logits  # noqa: E731
     cand = _candidate(cfg, candidate, dtype)
     diffs, agree, total = [], 0, 0
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt).input_ids])
         ids = ids.clamp(max=cfg.vocab_size - 1)
-        a, b = ref(ids).float(), cand(ids).float()
+        a, b = ref_model(input_ids=ids).logits.float(), cand(ids).float()
         diffs.append(float((a - b).abs().max()))
-        ga, gb = _greedy(ref, ids, greedy_tokens), _greedy(cand, ids, greedy_tokens)
+        ga, gb = _greedy_hf(ref_model, ids, greedy_tokens), _greedy_ours(cand, ids, greedy_tokens)
         agree += sum(x == y for x, y in zip(ga, gb))
         total += greedy_tokens
     worst = max(diffs)
