@@ -65,6 +65,19 @@ class SlotOutput:
     prompt_logprobs: list[float] | None = None
 
 
+def column_major_weights(stage: torch.nn.Module) -> None:
+    """Store every matrix transposed in memory (same values, shape and names).
+
+    A decode step is a matrix-vector product per weight; on CPU, torch's kernel reads a
+    column-major [out, in] matrix (i.e. x @ W_t with W_t contiguous) about 1.4x faster than a
+    row-major one, and the step is bound by reading the weights.
+    """
+    with torch.no_grad():
+        for p in stage.parameters():
+            if p.dim() == 2:
+                p.data = p.data.t().contiguous().t()
+
+
 class CacheRows(KVCache):
     """Rows [lo, hi) of a cache, as views (writes land in the parent)."""
 
@@ -99,6 +112,8 @@ class Worker:
         state = source.local_state(layout, ctx.tp_rank, ctx.pp_rank, dtype)
         self.stage = load_stage(cfg, ctx, state, dtype=dtype, vocab_divisible_by=stored.divisible_by)
         del state
+        if ctx.device.type == "cpu":
+            column_major_weights(self.stage)
         self.cfg = cfg
         self.cache = self.stage.new_cache(max_batch, max_seq)
         self.max_batch, self.max_seq, self.prefill_chunk = max_batch, max_seq, prefill_chunk
