@@ -1,4 +1,11 @@
-"""python -m services.generate serve | reference | compare"""
+"""python -m services.generate serve | reference | compare | eval
+
+serve      load a checkpoint once into its TP x PP process group and answer Megatron's PUT /api and
+           the OpenAI endpoints, batching concurrent requests continuously
+reference  HF transformers' greedy generation, like for like (dtype, new tokens, stop ids)
+compare    the engine against the reference on the same prompts; reports the first divergence
+eval       lm-eval tasks on a checkpoint and its HF reference, with the percent-error table
+"""
 
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ def _serve(a) -> int:
     def factory():
         return GenerationRuntime(a.load, a.tensor_parallel_size, a.pipeline_parallel_size, a.dtype,
                                  max_batch=a.max_batch, max_queue=a.max_queue, max_seq_len=a.max_seq_len,
-                                 model_name=a.model_name)
+                                 model_name=a.model_name, threads=a.threads)
 
     uvicorn.run(create_app(factory), host=a.host, port=a.port, log_level="warning")
     return 0
@@ -76,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         from services.generate import eval as bench_eval
 
         return bench_eval.main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m services.generate", epilog="also: eval (see `eval --help`)")
+    p = argparse.ArgumentParser(prog="python -m services.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="also: eval (see `eval --help`)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def layout(sp):
@@ -86,28 +95,32 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP")
     s.add_argument("--load", required=True, help="a converted checkpoint (manifest.json) or an HF model dir")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=5000, help="port to listen on (default: %(default)s)")
     s.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
-    s.add_argument("--max-batch", type=int, default=8)
-    s.add_argument("--max-queue", type=int, default=256)
-    s.add_argument("--model-name", default=None)
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (KV cache rows; default: %(default)s)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting beyond the batch before answering 429 (default: %(default)s)")
+    s.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the checkpoint's)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per rank (default: %(default)s; more helps only on otherwise idle cores)")
     layout(s)
     s.set_defaults(fn=_serve)
 
     r = sub.add_parser("reference", help="HF transformers greedy generation (the parity reference)")
-    r.add_argument("--model-path", required=True)
-    r.add_argument("--prompt", action="append", required=True)
-    r.add_argument("--tokens-to-generate", type=int, default=32)
-    r.add_argument("--dtype", default=None)
+    r.add_argument("--model-path", required=True, help="an HF model directory")
+    r.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    r.add_argument("--tokens-to-generate", type=int, default=32, help="new tokens (default: %(default)s)")
+    r.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32)")
     r.set_defaults(fn=_reference)
 
     c = sub.add_parser("compare", help="greedy engine vs HF on the same prompts; exit 1 on divergence")
-    c.add_argument("--load", required=True)
-    c.add_argument("--model-path", required=True)
-    c.add_argument("--prompt", action="append", required=True)
-    c.add_argument("--tokens-to-generate", type=int, default=32)
-    c.add_argument("--dtype", default=None)
+    c.add_argument("--load", required=True, help="our checkpoint (manifest.json) or an HF model dir")
+    c.add_argument("--model-path", required=True, help="the HF model directory to compare against")
+    c.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    c.add_argument("--tokens-to-generate", type=int, default=32, help="new tokens (default: %(default)s)")
+    c.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16, both sides (default: the checkpoint's)")
     layout(c)
     c.set_defaults(fn=_compare)
 
