@@ -17,7 +17,7 @@ from typing import Iterator, Sequence as Seq
 
 from shared.inference.engine import Engine
 from shared.inference.stop import TextTracker
-from shared.inference.worker import Plan, SlotOutput, SlotSpec
+from shared.inference.worker import Plan, SamplingParams, SlotOutput, SlotSpec
 
 
 class Overloaded(RuntimeError):
@@ -33,33 +33,16 @@ class GenerationFailed(RuntimeError):
 
 
 @dataclass
-class SeqRequest:
+class SeqRequest(SamplingParams):
     prompt_ids: list[int]
     max_new: int
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    top_p_decay: float = 0.0
-    top_p_bound: float = 0.0
-    min_p: float = 0.0
-    seed: int = 0
-    min_tokens: int = 0
-    stop_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     include_stop: bool = False
-    prompt_logprobs: bool = False
     skip_special_tokens: bool = True
-    colon_ids: tuple[int, ...] = ()
-    newline_ids: tuple[int, ...] = ()
 
     def spec(self, slot: int) -> SlotSpec:
-        return SlotSpec(slot=slot, prompt=list(self.prompt_ids), max_new=self.max_new, greedy=self.greedy,
-                        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        top_p_decay=self.top_p_decay, top_p_bound=self.top_p_bound, min_p=self.min_p,
-                        seed=self.seed, stop_ids=tuple(self.stop_ids), min_tokens=self.min_tokens,
-                        prompt_logprobs=self.prompt_logprobs, colon_ids=self.colon_ids,
-                        newline_ids=self.newline_ids)
+        return SlotSpec(slot=slot, prompt=list(self.prompt_ids), max_new=self.max_new,
+                        **{**self.sampling(), "stop_ids": tuple(self.stop_ids)})
 
 
 @dataclass

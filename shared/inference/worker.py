@@ -13,7 +13,7 @@ position 0 of their own row, which nobody reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -27,13 +27,10 @@ from shared.parallel.state import ParallelContext
 
 
 
-@dataclass
-class SlotSpec:
-    """One sequence as the ranks see it (token ids only; text is the controller's business)."""
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How one sequence picks its tokens; shared by requests (scheduler) and slots (ranks)."""
 
-    slot: int
-    prompt: list[int]
-    max_new: int
     greedy: bool = True
     temperature: float = 1.0
     top_k: int = 0
@@ -48,6 +45,19 @@ class SlotSpec:
     # Megatron's prevent_newline_after_colon: after a token in colon_ids, newline_ids are banned
     colon_ids: tuple[int, ...] = ()
     newline_ids: tuple[int, ...] = ()
+
+    def sampling(self) -> dict:
+        """This object's SamplingParams fields, e.g. to build a SlotSpec from a request."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingParams)}
+
+
+@dataclass
+class SlotSpec(SamplingParams):
+    """One sequence as the ranks see it (token ids only; text is the controller's business)."""
+
+    slot: int
+    prompt: list[int]
+    max_new: int
 
 
 @dataclass
