@@ -11,9 +11,12 @@ pieces than sentencepiece produces; decoding agrees.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -97,6 +100,45 @@ def load_source_tokenizer(path: str | Path):
 def vocab_size(tokenizer) -> int:
     """The true vocabulary size, added tokens included."""
     return len(tokenizer)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def count_tokens(path: str | Path) -> int:
+    """``vocab_size(load_source_tokenizer(path))`` - one more than the largest token id - read
+    straight from ``tokenizer.json`` or the SentencePiece model, without building a tokenizer."""
+    path = Path(path)
+    spm_file = path if path.is_file() else path / "tokenizer.model"
+    if path.is_dir() and (path / "tokenizer.json").exists():
+        try:
+            with _no_gc():  # a large JSON would otherwise set off several full collections
+                spec = json.loads((path / "tokenizer.json").read_text())
+            vocab = spec["model"]["vocab"]
+            ids = [len(vocab) - 1] if isinstance(vocab, list) else list(vocab.values())
+            ids += [int(t["id"]) for t in spec.get("added_tokens") or []]
+            if (path / "tokenizer_config.json").exists():
+                config = json.loads((path / "tokenizer_config.json").read_text())
+                ids += [int(i) for i in config.get("added_tokens_decoder") or {}]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{path}: cannot read the HF tokenizer ({e}); pass a valid --tokenizer-model") from e
+        return max(ids) + 1
+    if spm_file.is_file():
+        import sentencepiece as spm
+
+        try:
+            return spm.SentencePieceProcessor(model_file=str(spm_file)).get_piece_size()
+        except Exception as e:
+            raise TokenizerError(f"{spm_file}: not a SentencePiece model ({e})") from e
+    return vocab_size(load_source_tokenizer(path))
 
 
 def save_tokenizer(source: str | Path, dest_dir: Path) -> list[str]:

@@ -9,6 +9,7 @@ conversion leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -16,7 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,7 +33,7 @@ from shared.checkpoint.safe_io import (
     staging_dir,
 )
 from shared import tokenizer as tok
-from shared.files import keep_freed_memory
+from shared.files import keep_freed_memory, lower_thread_priority
 
 __all__ = ["ConvertOptions", "Progress", "Cancelled", "convert"]
 
@@ -149,31 +150,40 @@ def _open_source(o: ConvertOptions) -> _Source:
     raise AssertionError("unreachable")
 
 
-def _target_config(o: ConvertOptions, src: _Source, tokenizer) -> ModelConfig:
+def _target_config(o: ConvertOptions, src: _Source) -> ModelConfig:
     cfg = src.cfg
     rows = src.tensors.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in src.tensors \
         else cfg.vocab_size
-    tok_size = tok.vocab_size(tokenizer)
     v = o.true_vocab_size or cfg.vocab_size
     if v > rows:
         raise CheckpointError(f"--true-vocab-size {v} exceeds the {rows} embedding rows of the source")
-    if tok_size > v:
-        raise CheckpointError(
-            f"the tokenizer has {tok_size} tokens (added tokens included) but the model only {v} embeddings; "
-            "pass the tokenizer that belongs to this model (--tokenizer-model)")
     return dataclasses.replace(cfg, vocab_size=v) if v != cfg.vocab_size else cfg
+
+
+def _check_tokenizer(path: Path, cfg: ModelConfig) -> int:
+    """The source tokenizer's size, checked against the model's vocabulary."""
+    tok_size = tok.count_tokens(path)
+    if tok_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {tok_size} tokens (added tokens included) but the model only {cfg.vocab_size} "
+            "embeddings; pass the tokenizer that belongs to this model (--tokenizer-model)")
+    return tok_size
 
 
 # ---- provenance hashing in the background ----------------------------------------------------
 
 class _Hasher(threading.Thread):
-    """sha256 of the source files while the conversion runs (hashlib releases the GIL)."""
+    """sha256 of the source files while the conversion runs (hashlib releases the GIL).
+
+    At a lower priority than the writer's threads: the result is needed only for the manifest,
+    so it fills the CPU time left while the disk catches up rather than delaying the writes."""
 
     def __init__(self, files: list[Path]) -> None:
         super().__init__(daemon=True)
         self.files, self.result, self.error = files, {}, None
 
     def run(self) -> None:
+        lower_thread_priority(10)
         try:
             self.result = {p.name if p.parent == self.files[0].parent else str(p): sha256_file(p) for p in self.files}
         except OSError as e:
@@ -188,14 +198,25 @@ class _Hasher(threading.Thread):
 
 # ---- the conversion -------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Tensor copies run on one thread: the writer and hasher threads keep the other cores busy,
+    and an idle OpenMP pool would spin on the cores they need."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = None,
             should_cancel: Callable[[], bool] | None = None) -> dict:
     """Convert ``opts.load_dir`` into ``opts.save_dir``; returns the manifest (or the export summary)."""
     _check_options(opts)
     keep_freed_memory()
     src = _open_source(opts)
-    tokenizer = tok.load_source_tokenizer(src.tokenizer_src)
-    cfg = _target_config(opts, src, tokenizer)
+    cfg = _target_config(opts, src)
     if opts.model_size:
         check_preset(opts.model_size, cfg)
     if src.kind in ("hf", "meta"):
@@ -208,6 +229,8 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
     dtype = parse_dtype(opts.dtype) or src.dtype
     report = lambda p: progress(p) if progress else None  # noqa: E731
 
+    tok_size = _check_tokenizer(src.tokenizer_src, cfg)
+
     def step(tracker: ProgressTracker, nbytes: int) -> None:
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"conversion to {opts.save_dir} cancelled; nothing was written")
@@ -215,7 +238,7 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
 
     hasher = _Hasher(src.files)
     hasher.start()
-    with staging_dir(Path(opts.save_dir), opts.overwrite) as out:
+    with staging_dir(Path(opts.save_dir), opts.overwrite) as out, _one_torch_thread():
         if opts.saver == "hf":
             result = _save_hf(out, cfg, src, dtype, step, report)
         elif opts.ckpt_format == "torch":
@@ -227,7 +250,7 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
         parity_report = None
         if opts.validate:
             report(Progress("validate", 0, 1, "checks"))
-            parity_report = _validate(out, opts, cfg, layout, src, dtype, tokenizer)
+            parity_report = _validate(out, opts, cfg, layout, src, dtype, tok.load_source_tokenizer(src.tokenizer_src))
             report(Progress("validate", 1, 1, "checks"))
         provenance = {
             "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
@@ -239,7 +262,7 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
             result = native.write_manifest(
                 out, cfg, layout, dtype, file_hashes=result, source_config=src.raw_config,
                 generation_config=src.generation or hf_fmt.generation_config(cfg),
-                tokenizer={"dir": tok.TOKENIZER_SUBDIR, "files": tok_files, "vocab_size": tok.vocab_size(tokenizer)},
+                tokenizer={"dir": tok.TOKENIZER_SUBDIR, "files": tok_files, "vocab_size": tok_size},
                 provenance=provenance, parity=parity_report)
         else:
             result.update(provenance=provenance, parity=parity_report)
@@ -258,9 +281,9 @@ def _save_native_tensors(out: Path, cfg: ModelConfig, layout: Layout, src: _Sour
             p = spec.pp_rank(cfg, layout)
             hf = [native._rows(src.tensors.get(n), cfg, spec) for n in spec.hf_names]
             nbytes = 0
-            for t, piece in enumerate(L.shard(spec, hf, cfg, layout)):
-                writer.add(t, p, spec.local_name(cfg, layout), piece)
-                nbytes += piece.numel() * dtype.itemsize
+            for t, pieces in enumerate(L.shard_pieces(spec, hf, cfg, layout)):
+                writer.add(t, p, spec.local_name(cfg, layout), pieces)
+                nbytes += sum(piece.numel() for piece in pieces) * dtype.itemsize
             step(tracker, nbytes)
         hashes = writer.flush()
     except BaseException:

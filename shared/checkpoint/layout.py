@@ -137,15 +137,8 @@ def hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
 
 # ---- splitting -------------------------------------------------------------------------------
 
-def _qkv_groups(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """HF q/k/v -> group-major [ng, (r+2)d, *rest]."""
-    ng, d, r = cfg.num_kv_heads, cfg.head_dim, cfg.queries_per_group
-    rest = q.shape[1:]
-    return torch.cat([q.reshape(ng, r * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)], dim=1)
-
-
 def _qkv_ungroup(cfg: ModelConfig, fused: torch.Tensor) -> list[torch.Tensor]:
-    """Inverse of ``_qkv_groups`` applied to the full fused tensor [(nh+2ng)d, *rest]."""
+    """The full group-major fused tensor [(nh+2ng)d, *rest] -> HF q, k, v."""
     ng, d, r = cfg.num_kv_heads, cfg.head_dim, cfg.queries_per_group
     rest = fused.shape[1:]
     g = fused.reshape(ng, (r + 2) * d, *rest)
@@ -153,26 +146,51 @@ def _qkv_ungroup(cfg: ModelConfig, fused: torch.Tensor) -> list[torch.Tensor]:
     return [q.reshape(ng * r * d, *rest), k.reshape(ng * d, *rest), v.reshape(ng * d, *rest)]
 
 
-def shard(spec: ParamSpec, tensors: Sequence[torch.Tensor], cfg: ModelConfig, layout: Layout) -> list[torch.Tensor]:
-    """HF tensors of ``spec`` -> one contiguous tensor per TP rank."""
+def shard_pieces(spec: ParamSpec, tensors: Sequence[torch.Tensor], cfg: ModelConfig,
+                 layout: Layout) -> list[list[torch.Tensor]]:
+    """HF tensors of ``spec`` -> per TP rank, the pieces whose concatenation along dim 0 is its shard.
+
+    Pieces are views of the inputs wherever the split allows (row ranges are contiguous in a
+    row-major tensor), so a writer can stream them to disk without assembling the shard.
+    Only ``row`` pieces (column slices) and vocab padding are not plain row ranges.
+    """
     T = layout.tp
     if spec.kind == REPLICATED:
-        return [tensors[0].contiguous() for _ in range(T)]
+        return [[tensors[0]] for _ in range(T)]
     if spec.kind == ROW:
-        return [c.contiguous() for c in torch.chunk(tensors[0], T, dim=1)]
+        return [[c] for c in torch.chunk(tensors[0], T, dim=1)]
     if spec.kind == VOCAB:
         w = tensors[0]
-        pad = layout.padded_vocab(cfg) - w.shape[0]
-        if pad:
-            w = torch.cat([w, w.new_zeros((pad, *w.shape[1:]))], dim=0)
-        return [c.contiguous() for c in torch.chunk(w, T, dim=0)]
+        per = layout.padded_vocab(cfg) // T
+        out = []
+        for t in range(T):
+            lo, hi = t * per, (t + 1) * per
+            rows = [w[lo:min(hi, w.shape[0])]] if lo < w.shape[0] else []
+            if hi > w.shape[0]:
+                rows.append(w.new_zeros((hi - max(lo, w.shape[0]), *w.shape[1:])))
+            out.append(rows)
+        return out
     if spec.kind == QKV:
-        groups = _qkv_groups(cfg, *tensors)
-        return [c.reshape(-1, *groups.shape[2:]).contiguous() for c in torch.chunk(groups, T, dim=0)]
+        q, k, v = tensors
+        ng, d, r = cfg.num_kv_heads, cfg.head_dim, cfg.queries_per_group
+        per = ng // T
+        return [[x for g in range(t * per, (t + 1) * per)
+                 for x in (q[g * r * d:(g + 1) * r * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d])]
+                for t in range(T)]
     if spec.kind == FC1:
         gates, ups = torch.chunk(tensors[0], T, dim=0), torch.chunk(tensors[1], T, dim=0)
-        return [torch.cat([g, u], dim=0) for g, u in zip(gates, ups)]
+        return [[g, u] for g, u in zip(gates, ups)]
     raise ValueError(f"unknown split kind {spec.kind!r}")
+
+
+def join_pieces(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One contiguous tensor from ``shard_pieces`` output for one rank."""
+    return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(list(pieces), dim=0)
+
+
+def shard(spec: ParamSpec, tensors: Sequence[torch.Tensor], cfg: ModelConfig, layout: Layout) -> list[torch.Tensor]:
+    """HF tensors of ``spec`` -> one contiguous tensor per TP rank."""
+    return [join_pieces(p) for p in shard_pieces(spec, tensors, cfg, layout)]
 
 
 def unshard(spec: ParamSpec, shards: Sequence[torch.Tensor], cfg: ModelConfig, layout: Layout) -> list[torch.Tensor]:

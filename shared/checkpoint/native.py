@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from shared.config import ModelConfig
+from shared.files import lower_thread_priority
 from shared.checkpoint import layout as L
 from shared.checkpoint.layout import Layout, ParamSpec
 from shared.checkpoint.safe_io import (
@@ -191,66 +192,80 @@ def verify(directory: str | Path) -> Manifest:
 # ---- streaming writer -----------------------------------------------------------------------
 
 class CheckpointWriter:
-    """Rank files laid out up front, filled one tensor at a time, written by a background thread.
+    """Rank files laid out up front and filled one tensor at a time, in a pipeline.
 
-    ``add`` hands the tensor to the writer thread (which writes and hashes it) so reading and
-    sharding overlap with disk I/O; at most ``max_pending_bytes`` wait in the queue.
+    ``add`` takes a tensor as the pieces ``layout.shard_pieces`` makes (views of the source
+    where possible), so no shard is assembled in memory. One thread writes each piece at its
+    offset - a piece that is a mapped range of a source file is copied by the kernel - and
+    hands finished stretches to the disk; another hashes the pieces in file order at a lower
+    priority, so the disk is fed first and hashing fills the time the disk takes. Pieces that
+    own memory (shards assembled or cast) count against ``max_pending_bytes``; mapped source
+    ranges cost no memory until read.
     """
 
     def __init__(self, directory: Path, cfg: ModelConfig, layout: Layout, dtype: torch.dtype,
-                 max_pending_bytes: int = 64 << 20) -> None:
+                 max_pending_bytes: int = 128 << 20) -> None:
         layout.check(cfg)
         self.directory, self.cfg, self.layout, self.dtype = Path(directory), cfg, layout, dtype
         self._files: dict[tuple[int, int], StreamingSafetensorsWriter] = {}
         self._hashes: dict[str, dict[str, Any]] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
-        self._pending: list[tuple[Future, int]] = []
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="ckpt-write")
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash",
+                                           initializer=lower_thread_priority, initargs=(5,))
+        self._pending: deque[tuple[Future, int]] = deque()
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
-        self._lock = threading.Lock()
         meta = {"format": "pt"}
+        entries = rank_entries(cfg, layout, dtype)
         try:
-            for rank, entries in rank_entries(cfg, layout, dtype).items():
-                self._files[rank] = StreamingSafetensorsWriter(self.directory / rank_file(*rank), entries, meta)
+            for rank, rank_list in entries.items():
+                self._files[rank] = StreamingSafetensorsWriter(self.directory / rank_file(*rank), rank_list, meta)
         except BaseException:
             self.abort()
             raise
         self.bytes_total = sum(torch.Size(shape).numel() * dt.itemsize
-                               for entries in rank_entries(cfg, layout, dtype).values() for _, shape, dt in entries)
+                               for rank_list in entries.values() for _, shape, dt in rank_list)
 
-    def _write(self, rank: tuple[int, int], name: str, tensor: torch.Tensor) -> None:
-        w = self._files[rank]
-        w.add(name, tensor)
+    def add(self, tp_rank: int, pp_rank: int, local_name: str, pieces: Sequence[torch.Tensor]) -> None:
+        w = self._files[(tp_rank, pp_rank)]
+        placed = w.place(local_name, [p.to(self.dtype) for p in pieces])
+        for data, at, source in placed:
+            owned = 0 if source is not None else data.nbytes
+            self._track(self._writes.submit(w.write_at, data, at, source), owned)
+            self._track(self._hashing.submit(w.hash, data), owned)
         if w.complete:
-            digest = w.close()
-            with self._lock:
-                self._hashes[w.path.name] = {"sha256": digest, "bytes": w.nbytes}
+            self._track(self._hashing.submit(self._finish, w), 0)
 
-    def add(self, tp_rank: int, pp_rank: int, local_name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.to(self.dtype).contiguous()
-        n = tensor.numel() * tensor.element_size()
-        self._pending.append((self._pool.submit(self._write, (tp_rank, pp_rank), local_name, tensor), n))
-        self._pending_bytes += n
+    def _finish(self, w: StreamingSafetensorsWriter) -> None:
+        """Runs on the hashing thread after the file's last hash update."""
+        self._writes.submit(lambda: None).result()  # every write queued before this one is done
+        self._hashes[w.path.name] = {"sha256": w.close(), "bytes": w.nbytes}
+
+    def _track(self, fut: Future, nbytes: int) -> None:
+        self._pending.append((fut, nbytes))
+        self._pending_bytes += nbytes
         while self._pending and (self._pending_bytes > self._max_pending or self._pending[0][0].done()):
-            fut, size = self._pending.pop(0)
-            fut.result()  # re-raises a write error here, in the caller's thread
+            done, size = self._pending.popleft()
+            done.result()  # re-raises a write error here, in the caller's thread
             self._pending_bytes -= size
 
     def flush(self) -> dict[str, dict[str, Any]]:
         """Wait for all writes; returns {file name: {sha256, bytes}} of the rank files."""
         while self._pending:
-            self._pending.pop(0)[0].result()
+            self._pending.popleft()[0].result()
         self._pending_bytes = 0
         incomplete = [w.path.name for w in self._files.values() if not w.complete]
         if incomplete:
             raise CheckpointError(f"rank files {incomplete} did not receive all their tensors")
-        self._pool.shutdown()
+        self._writes.shutdown()
+        self._hashing.shutdown()
         return dict(self._hashes)
 
     def abort(self) -> None:
         for fut, _ in self._pending:
             fut.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._hashing, self._writes):
+            pool.shutdown(wait=True, cancel_futures=True)
         for w in self._files.values():
             w.abort()
 
@@ -272,8 +287,8 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, layout: Layout, hf_tenso
         for spec in L.param_specs(cfg, layout):
             p = spec.pp_rank(cfg, layout)
             hf = [_rows(get(n), cfg, spec) for n in spec.hf_names]
-            for t, piece in enumerate(L.shard(spec, hf, cfg, layout)):
-                writer.add(t, p, spec.local_name(cfg, layout), piece)
+            for t, pieces in enumerate(L.shard_pieces(spec, hf, cfg, layout)):
+                writer.add(t, p, spec.local_name(cfg, layout), pieces)
         hashes = writer.flush()
     except BaseException:
         writer.abort()

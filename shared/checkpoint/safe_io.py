@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from shared.config import ModelConfig
-from shared.files import sha256_file  # noqa: F401 - re-exported
+from shared.files import MappedFile, copy_range, sha256_file, start_writeback  # noqa: F401 - re-exported
 from shared.checkpoint import layout as L
 
 
@@ -43,6 +43,7 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_WRITEBACK_BYTES = 8 << 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -131,16 +132,17 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files, each tensor read with ``pread`` when asked for.
+    """One or more safetensors files; each tensor is its own private memory map.
 
-    Plain reads rather than a memory map: the process then holds only the tensor in hand,
-    not every page of the file it has touched (which a map keeps resident).
+    ``get`` copies nothing: the tensor is a view of the page cache, and its map goes away with
+    the last reference to it, so the process holds only the tensors in hand, never every page
+    of the file it has touched.
     """
 
     def __init__(self, paths: Sequence[Path], index: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._paths = list(paths)
-        self._fds: dict[Path, int] = {}
+        self._files: dict[Path, MappedFile] = {}
         self._where: dict[str, tuple[Path, int, int]] = {}
         for p in self._paths:
             header = read_safetensors_header(p)
@@ -160,30 +162,21 @@ class SafetensorsSource(TensorSource):
         if name not in self._where:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
         path, offset, n = self._where[name]
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        buf = bytearray(n)
-        view, done = memoryview(buf), 0
-        while done < n:
-            got = os.preadv(self._fds[path], [view[done:]], offset + done)
-            if got == 0:
-                raise CheckpointError(f"{path}: ended early while reading {name}; the file was truncated")
-            done += got
+        shape, dtype = self._shapes[name], self._dtypes[name]
         if n == 0:
-            return torch.empty(self._shapes[name], dtype=self._dtypes[name])
-        return torch.frombuffer(buf, dtype=self._dtypes[name]).reshape(self._shapes[name])
+            return torch.empty(shape, dtype=dtype)
+        if path not in self._files:
+            self._files[path] = MappedFile(path)
+        if self._files[path].size() < offset + n:
+            raise CheckpointError(f"{path}: ended early while reading {name}; the file was truncated")
+        flat = torch.frombuffer(self._files[path].map(offset, n), dtype=dtype)
+        return flat.reshape(shape)
 
     def files(self) -> list[Path]:
         return list(self._paths)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        self._files.clear()  # each file closes once no tensor read from it is left
 
 
 def safe_torch_load(path: Path) -> object:
@@ -283,11 +276,19 @@ def check_hf_shapes(source: TensorSource, cfg: ModelConfig) -> None:
 
 # ---- streaming safetensors writing ----------------------------------------------------------
 
+def as_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in row-major order (no copy when it is already contiguous)."""
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+
+
 class StreamingSafetensorsWriter:
-    """A safetensors file whose layout is fixed up front; tensors are appended in that order.
+    """A safetensors file whose layout is fixed up front; tensors are added in that order.
 
     The header is written at once from the declared (name, shape, dtype) list, so tensors can
-    be streamed without holding the file's contents; the sha256 is computed while writing.
+    be streamed without holding the file's contents. ``add`` writes and hashes in the calling
+    thread; a pipelined caller uses ``place`` (check and lay out a tensor given as pieces),
+    then ``write_at`` and ``hash`` from threads of its own - writes go to fixed offsets, and
+    hashing must follow the file's order.
     """
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
@@ -298,65 +299,99 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = dict(metadata)
         offset = 0
         self._order: list[str] = []
-        self._sizes: dict[str, int] = {}
-        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}
         for name, shape, dt in entries:
             n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
             header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
             self._order.append(name)
-            self._sizes[name] = n
-            self._specs[name] = (tuple(shape), dt)
+            self._specs[name] = (tuple(shape), dt, offset)
+            offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.nbytes = 8 + len(raw) + offset
+        self._base = 8 + len(raw)
+        self.nbytes = self._base + offset
         self._next = 0
+        self._synced = 0  # bytes before this offset have been handed to the disk
         self._hash = hashlib.sha256()
-        self._f = open(self.path, "wb")
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        head = struct.pack("<Q", len(raw)) + raw
+        self.write_at(head, 0)
+        self.hash(head)
 
-    def _write(self, data) -> None:
-        self._hash.update(data)
-        write_all(self._f, data)
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def place(self, name: str, pieces: Sequence[torch.Tensor]) -> list[tuple[memoryview, int, tuple[int, int] | None]]:
+        """Check the next tensor (given as pieces whose dim-0 concatenation it is) against the
+        declared layout; returns each piece's bytes, its offset in this file and, where the
+        bytes are a mapped range of a source file, that (fd, offset) for a kernel copy."""
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"{self.path.name}: got tensor {name!r}, expected {expected!r}")
-        shape, dt = self._specs[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dt:
-            raise RuntimeError(f"{self.path.name}: {name} is {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {dt}")
-        self._write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        shape, dt, offset = self._specs[name]
+        rows = sum(p.shape[0] if p.dim() else 1 for p in pieces)
+        got = (rows, *pieces[0].shape[1:]) if pieces[0].dim() else ()
+        if got != shape or any(p.dtype != dt for p in pieces):
+            raise RuntimeError(f"{self.path.name}: {name} is {got} {pieces[0].dtype}, declared {shape} {dt}")
+        out, at = [], self._base + offset
+        for p in pieces:
+            data = as_bytes(p)
+            out.append((data, at, MappedFile.locate(p.data_ptr(), data.nbytes) if p.is_contiguous() else None))
+            at += data.nbytes
         self._next += 1
+        return out
+
+    def add(self, name: str, tensor: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        for data, at, source in self.place(name, [tensor] if isinstance(tensor, torch.Tensor) else tensor):
+            self.write_at(data, at, source)
+            self.hash(data)
+
+    def write_at(self, data, offset: int, source: tuple[int, int] | None = None) -> None:
+        """Write ``data`` at ``offset``; copied in the kernel from ``source`` (fd, offset) when given."""
+        view, done = memoryview(data).cast("B"), 0
+        try:
+            if source is None or not copy_range(source[0], source[1], self._fd, offset, view.nbytes):
+                while done < view.nbytes:
+                    done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as e:
+            raise disk_error(e, self.path) from e
+        # hand finished stretches to the disk as we go (whole MiBs: a page still being filled
+        # would be written twice, and rewriting a page under writeback waits for the disk)
+        end = (offset + view.nbytes) & ~((1 << 20) - 1)
+        if end - self._synced >= _WRITEBACK_BYTES:
+            start_writeback(self._fd, self._synced, end - self._synced)
+            self._synced = end
+
+    def hash(self, data) -> None:
+        self._hash.update(data)
 
     @property
     def complete(self) -> bool:
         return self._next == len(self._order)
 
     def close(self) -> str:
-        """Finish the file; returns its sha256."""
+        """Finish the file (on disk, fsynced); returns its sha256."""
         if not self.complete:
             raise RuntimeError(f"{self.path.name}: closed after {self._next} of {len(self._order)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise disk_error(e, self.path) from e
+        finally:
+            self.abort()
         return self._hash.hexdigest()
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._f.close()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
 
-def write_all(f, data) -> None:
-    """``f.write`` that turns a full disk into a clear error."""
-    try:
-        f.write(data)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(
-                f"the disk holding {getattr(f, 'name', 'the output')} is full ({e.strerror}); free space "
-                "or choose a --save-dir on a larger disk. Nothing was left behind") from e
-        raise
+def disk_error(e: OSError, path) -> Exception:
+    """A full disk as a clear ``CheckpointError``; other errors unchanged."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointError(
+            f"the disk holding {path} is full ({e.strerror}); free space "
+            "or choose a --save-dir on a larger disk. Nothing was left behind")
+    return e
 
 
 # ---- output directories ---------------------------------------------------------------------

@@ -209,15 +209,15 @@ def test_failed_parity_fails_the_conversion(src, tmp_path, monkeypatch):
     """A conversion whose written weights differ from the source is caught and removed."""
     from shared.checkpoint import layout as L
 
-    real_shard = L.shard
+    real_shard_pieces = L.shard_pieces
 
     def corrupt(spec, tensors, cfg, layout):
-        pieces = real_shard(spec, tensors, cfg, layout)
+        ranks = real_shard_pieces(spec, tensors, cfg, layout)
         if spec.name == "decoder.layers.1.mlp.linear_fc2.weight":
-            pieces = [p * 1.5 for p in pieces]
-        return pieces
+            ranks = [[p * 1.5 for p in pieces] for pieces in ranks]
+        return ranks
 
-    monkeypatch.setattr(L, "shard", corrupt)
+    monkeypatch.setattr(L, "shard_pieces", corrupt)
     expect_error(src, tmp_path / "out", CheckpointError, "failed validation.*parity FAIL")
 
 

@@ -21,7 +21,7 @@ def test_sentencepiece_model_matches_sentencepiece(spm_file, version, size):
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_file(version)))
     t = tok.load_source_tokenizer(spm_file(version))
-    assert tok.vocab_size(t) == size
+    assert tok.vocab_size(t) == size == tok.count_tokens(spm_file(version))
     for text in TEXTS:
         assert t(text).input_ids == [sp.bos_id()] + sp.encode(text), text
         assert t.decode(t(text).input_ids, skip_special_tokens=True) == sp.decode(sp.encode(text))
@@ -54,7 +54,7 @@ def test_added_tokens_count_toward_vocab(bpe_tokenizer_dir, tmp_path):
     base = tok.vocab_size(t)
     t.add_tokens(["<extra_a>", "<extra_b>"])
     t.save_pretrained(d)
-    assert tok.vocab_size(tok.load_source_tokenizer(d)) == base + 2
+    assert tok.vocab_size(tok.load_source_tokenizer(d)) == base + 2 == tok.count_tokens(d)
 
 
 def test_tokenizer_larger_than_model_is_refused(make_hf_checkpoint, spm_file, tmp_path):

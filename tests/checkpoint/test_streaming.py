@@ -1,0 +1,73 @@
+"""The streaming writer: shards written as pieces, kernel copies of mapped source ranges."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from shared.checkpoint import layout as L
+from shared.checkpoint import safe_io
+from shared.checkpoint.layout import Layout
+from shared.config import ModelConfig
+from shared.files import MappedFile
+from tests.checkpoint.helpers import run
+from tests.model.families import make_hf_model
+
+
+def _digests(ckpt):
+    return {n: info["sha256"] for n, info in json.loads((ckpt / "manifest.json").read_text())["files"].items()}
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_kernel_copy_and_plain_writes_give_identical_files(make_hf_checkpoint, tmp_path, monkeypatch, tp, pp):
+    src = make_hf_checkpoint("llama3")
+    copied = []
+    real = safe_io.copy_range
+
+    def counting(*args):
+        ok = real(*args)
+        copied.append(ok)
+        return ok
+
+    monkeypatch.setattr(safe_io, "copy_range", counting)
+    a = run(src, tmp_path / "copy", target_tp=tp, target_pp=pp, validate=False)
+    assert copied and all(copied), "mapped source ranges should be copied by the kernel"
+    monkeypatch.setattr(safe_io, "copy_range", lambda *args: False)  # as where copy_file_range is refused
+    b = run(src, tmp_path / "plain", target_tp=tp, target_pp=pp, validate=False)
+    assert {n: f for n, f in a["files"].items() if n.endswith(".safetensors")} == \
+           {n: f for n, f in b["files"].items() if n.endswith(".safetensors")}
+    for name in a["files"]:  # and the recorded hashes are the files' real hashes
+        assert hashlib.sha256((tmp_path / "copy" / name).read_bytes()).hexdigest() == _digests(tmp_path / "copy")[name]
+
+
+def test_mapped_tensors_locate_their_file_bytes(make_hf_checkpoint):
+    src = make_hf_checkpoint("llama2")
+    tensors = safe_io.open_hf_weights(src)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q = tensors.get(name)
+    rows = q[4:9]  # a row range: contiguous bytes of the file
+    fd, offset = MappedFile.locate(rows.data_ptr(), rows.numel() * rows.element_size())
+    raw = (src / "model.safetensors").read_bytes()[offset: offset + rows.numel() * 4]
+    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(rows.shape), rows)
+    assert MappedFile.locate(q[:, :3].contiguous().data_ptr(), 4) is None  # a copy is not in any map
+    assert MappedFile.locate(torch.zeros(4).data_ptr(), 16) is None
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3", "tied"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pieces_are_views_that_join_to_the_shard(family, tp):
+    cfg = ModelConfig.from_hf(make_hf_model(family).config.to_dict())
+    layout = Layout(tp=tp)
+    g = torch.Generator().manual_seed(0)
+    for spec in L.param_specs(cfg, layout)[:8]:
+        hf = [torch.randn(L.hf_shape(cfg, n), generator=g) for n in spec.hf_names]
+        ranks = L.shard_pieces(spec, hf, cfg, layout)
+        if spec.kind in (L.QKV, L.FC1, L.REPLICATED):  # row ranges of the inputs: nothing copied
+            bases = {h.untyped_storage().data_ptr() for h in hf}
+            assert all(p.untyped_storage().data_ptr() in bases for pieces in ranks for p in pieces)
+        shards = [L.join_pieces(pieces) for pieces in ranks]
+        assert all(s.is_contiguous() for s in shards)
+        assert all(torch.equal(a, b) for a, b in zip(L.unshard(spec, shards, cfg, layout), hf))
