@@ -17,6 +17,7 @@ from torch import nn
 from shared.config import ModelConfig
 from shared.model.kv_cache import KVCache
 from shared.model.rope import apply_rope
+from shared.parallel.comm import reduce_from_tp
 from shared.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -102,6 +103,35 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, group, impl, dtype, device)
 
     def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows, mask=None):
+        if cache is not None and cache_rows is None and self._native_decode(x):
+            return self._decode_native(x, cos, sin, layer, position_ids, cache)
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, position_ids, cache, kv_len,
                                     cache_rows, mask)
         return x + self.mlp(self.pre_mlp_layernorm(x))
+
+    # ---- the CPU decode step in two native calls (shared.kernels) -----------------------------
+    def _native_decode(self, x: torch.Tensor) -> bool:
+        """One new token per row, fp32 on CPU, weights packed by the inference engine, no autograd."""
+        weights = (self.self_attention.linear_qkv.weight, self.self_attention.linear_proj.weight,
+                   self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight)
+        return (x.shape[1] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
+                and all(w.dim() == 3 for w in weights) and not torch.is_grad_enabled())
+
+    def _decode_native(self, x, cos, sin, layer, position_ids, cache):
+        from shared import kernels
+
+        att, mlp = self.self_attention, self.mlp
+        B, _, H = x.shape
+        h = x.reshape(B, H).contiguous()
+        k, v = cache.k[layer], cache.v[layer]
+        if not (k.is_contiguous() and v.is_contiguous()):
+            raise ValueError("the native decode step needs a contiguous cache")
+        o = kernels.decode_attention(
+            h, self.input_layernorm.weight, self.input_layernorm.eps, att.linear_qkv.weight, att.linear_qkv.bias,
+            att.linear_proj.weight, cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous(), k, v,
+            position_ids.reshape(B), att.groups, att.r, att.d)
+        h = h + reduce_from_tp(o, att.linear_proj.group)
+        m = kernels.decode_mlp(h, self.pre_mlp_layernorm.weight, self.pre_mlp_layernorm.eps,
+                               mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+        h = h + reduce_from_tp(m, mlp.linear_fc2.group)
+        return h.view(B, 1, H)

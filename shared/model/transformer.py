@@ -88,6 +88,10 @@ class LlamaStage(nn.Module):
             kv_len = int(position_ids.max()) + 1
         h = self.embedding.word_embeddings(x) if self.ctx.is_first_stage else x
         cos, sin = cos_sin(self.inv_freq, position_ids, h.dtype)
+        if cache is not None and cache_rows is None and self._native_decode_ready(h):
+            h = self._native_decoder()(h.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.k, cache.v,
+                                       position_ids.reshape(B)).view(B, 1, -1)
+            return self._finish(h, labels, gather)
         mask = cache_mask(position_ids, kv_len) if cache is not None else None  # shared by all layers
         for i, layer in enumerate(self.decoder.layers):
             if self.recompute and self.training:
@@ -95,6 +99,9 @@ class LlamaStage(nn.Module):
                                use_reentrant=False)
             else:
                 h = layer(h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask)
+        return self._finish(h, labels, gather)
+
+    def _finish(self, h: torch.Tensor, labels: torch.Tensor | None, gather: bool) -> torch.Tensor:
         if not self.ctx.is_last_stage:
             return h
         h = self.decoder.final_layernorm(h)
@@ -102,3 +109,18 @@ class LlamaStage(nn.Module):
         if labels is not None:
             return vocab_parallel_cross_entropy(local, labels, self.ctx.tp_group)
         return gather_logits(local, self.cfg.vocab_size, self.ctx.tp_group) if gather else local
+
+    # ---- the CPU decode step as one native call (shared.kernels), tensor parallel size 1 --------
+    def _native_decode_ready(self, h: torch.Tensor) -> bool:
+        layers = self.decoder.layers
+        return (self.ctx.tp == 1 and len(layers) > 0 and h.shape[1] == 1
+                and all(layer._native_decode(h) for layer in (layers[0], layers[-1])))
+
+    def _native_decoder(self):
+        if getattr(self, "_decoder", None) is None:
+            from shared.kernels import StageDecoder
+
+            first = self.decoder.layers[0]
+            att = first.self_attention
+            self._decoder = StageDecoder(list(self.decoder.layers), first.input_layernorm.eps, att.groups, att.r, att.d)
+        return self._decoder

@@ -22,6 +22,24 @@ def _tp_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; a 3-D weight is one the inference engine stored as panels (``shared.kernels``)."""
+    if weight.dim() == 3:
+        from shared.kernels import packed_linear
+
+        return packed_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding``, for row-major or panel-packed tables."""
+    if weight.dim() == 3:
+        from shared.kernels import embedding as packed_embedding
+
+        return packed_embedding(ids, weight)
+    return F.embedding(ids, weight)
+
+
 class ColumnParallelLinear(nn.Module):
     """y_t = x W_t^T (+ b_t): the output dim is split; the input is replicated."""
 
@@ -36,7 +54,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features // tp, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return linear(copy_to_tp(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -51,7 +69,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(F.linear(x, self.weight), self.group)
+        return reduce_from_tp(linear(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -67,20 +85,21 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if _tp_size(self.group) == 1:
-            return F.embedding(ids, self.weight)
+            return embedding(ids, self.weight)
         local = ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.group)
 
 
 def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, true_vocab: int, group=None) -> torch.Tensor:
     """This rank's logit columns [.., Vp/T], with padded-vocab columns masked to -inf."""
-    logits = F.linear(copy_to_tp(x, group), weight)
-    start = _tp_rank(group) * weight.shape[0]
-    if start + weight.shape[0] > true_vocab:
-        cols = torch.arange(start, start + weight.shape[0], device=logits.device)
+    logits = linear(copy_to_tp(x, group), weight)
+    rows = logits.shape[-1]
+    start = _tp_rank(group) * rows
+    if start + rows > true_vocab:
+        cols = torch.arange(start, start + rows, device=logits.device)
         logits = logits.masked_fill(cols >= true_vocab, float("-inf"))
     return logits
 
