@@ -68,9 +68,9 @@ def map_range(fd: int, offset: int, length: int, on_unmap=None):
 
 
 def _unmap(addr: int, size: int, on_unmap) -> None:
-    _libc().munmap(addr, size)
     if on_unmap is not None:
-        on_unmap()
+        on_unmap()  # first: once unmapped, the addresses can be handed to a new map at once
+    _libc().munmap(addr, size)
 
 
 class MappedFile:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shared.checkpoint import layout as L
+from shared.checkpoint import native
 from shared.checkpoint import safe_io
 from shared.checkpoint.layout import Layout
 from shared.config import ModelConfig
@@ -71,3 +72,20 @@ def test_pieces_are_views_that_join_to_the_shard(family, tp):
         shards = [L.join_pieces(pieces) for pieces in ranks]
         assert all(s.is_contiguous() for s in shards)
         assert all(torch.equal(a, b) for a, b in zip(L.unshard(spec, shards, cfg, layout), hf))
+
+
+def test_repeated_conversions_copy_the_right_bytes(make_hf_checkpoint, tmp_path, monkeypatch):
+    """Maps come and go while the writer runs; an address reused by a new map must never be taken
+    for the old one's file range (this once copied a neighbouring layer's bytes)."""
+    src = make_hf_checkpoint("llama3")
+    real = safe_io.copy_range
+    monkeypatch.setattr(safe_io, "copy_range", lambda *args: False)
+    run(src, tmp_path / "ref", target_tp=1, target_pp=4, validate=False)
+    monkeypatch.setattr(safe_io, "copy_range", real)
+    for i in range(12):
+        out = tmp_path / f"out{i}"
+        manifest = run(src, out, target_tp=1, target_pp=4, validate=False)
+        for name in manifest["files"]:
+            if name.endswith(".safetensors"):
+                assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (i, name)
+        native.verify(out)
