@@ -212,6 +212,7 @@ class CheckpointWriter:
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="ckpt-write")
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash",
                                            initializer=lower_thread_priority, initargs=(5,))
+        self._syncing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync")
         self._pending: deque[tuple[Future, int]] = deque()
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
@@ -219,7 +220,8 @@ class CheckpointWriter:
         entries = rank_entries(cfg, layout, dtype)
         try:
             for rank, rank_list in entries.items():
-                self._files[rank] = StreamingSafetensorsWriter(self.directory / rank_file(*rank), rank_list, meta)
+                self._files[rank] = StreamingSafetensorsWriter(self.directory / rank_file(*rank), rank_list, meta,
+                                                               syncer=self._syncing)
         except BaseException:
             self.abort()
             raise
@@ -238,8 +240,7 @@ class CheckpointWriter:
 
     def _finish(self, w: StreamingSafetensorsWriter) -> None:
         """Runs on the hashing thread after the file's last hash update."""
-        self._writes.submit(lambda: None).result()  # every write queued before this one is done
-        self._hashes[w.path.name] = {"sha256": w.close(), "bytes": w.nbytes}
+        self._hashes[w.path.name] = {"sha256": w.digest(), "bytes": w.nbytes}
 
     def _track(self, fut: Future, nbytes: int) -> None:
         self._pending.append((fut, nbytes))
@@ -257,14 +258,18 @@ class CheckpointWriter:
         incomplete = [w.path.name for w in self._files.values() if not w.complete]
         if incomplete:
             raise CheckpointError(f"rank files {incomplete} did not receive all their tensors")
-        self._writes.shutdown()
-        self._hashing.shutdown()
+        for pool in (self._writes, self._hashing, self._syncing):
+            pool.shutdown()
+        # every file to disk at the end, together: a sync in the middle would stall the pipeline
+        # on the disk's cache flush, and concurrent syncs share one journal commit
+        with ThreadPoolExecutor(min(8, len(self._files))) as pool:
+            list(pool.map(lambda w: w.close(), self._files.values()))
         return dict(self._hashes)
 
     def abort(self) -> None:
         for fut, _ in self._pending:
             fut.cancel()
-        for pool in (self._hashing, self._writes):
+        for pool in (self._hashing, self._writes, self._syncing):
             pool.shutdown(wait=True, cancel_futures=True)
         for w in self._files.values():
             w.abort()

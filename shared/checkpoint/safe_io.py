@@ -21,6 +21,7 @@ import pickle
 import shutil
 import struct
 import uuid
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -44,6 +45,12 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 _WRITEBACK_BYTES = 8 << 20
+_DURABLE_BYTES = 64 << 20
+
+
+def _datasync(fd: int) -> None:
+    with contextlib.suppress(OSError):  # a real failure shows at the final fsync
+        os.fdatasync(fd)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -292,7 +299,7 @@ class StreamingSafetensorsWriter:
     """
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, syncer: Executor | None = None) -> None:
         self.path = Path(path)
         header: dict[str, object] = {}
         if metadata:
@@ -312,6 +319,8 @@ class StreamingSafetensorsWriter:
         self.nbytes = self._base + offset
         self._next = 0
         self._synced = 0  # bytes before this offset have been handed to the disk
+        self._durable = 0  # ... and before this one, synced
+        self._syncer = syncer
         self._hash = hashlib.sha256()
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         head = struct.pack("<Q", len(raw)) + raw
@@ -358,6 +367,10 @@ class StreamingSafetensorsWriter:
         if end - self._synced >= _WRITEBACK_BYTES:
             start_writeback(self._fd, self._synced, end - self._synced)
             self._synced = end
+            if self._syncer is not None and end - self._durable >= _DURABLE_BYTES:
+                # make it durable now, on another thread, so the sync at close has less to flush
+                self._durable = end
+                self._syncer.submit(_datasync, self._fd)
 
     def hash(self, data) -> None:
         self._hash.update(data)
@@ -365,6 +378,10 @@ class StreamingSafetensorsWriter:
     @property
     def complete(self) -> bool:
         return self._next == len(self._order)
+
+    def digest(self) -> str:
+        """The sha256 of everything hashed so far (the whole file once complete)."""
+        return self._hash.hexdigest()
 
     def close(self) -> str:
         """Finish the file (on disk, fsynced); returns its sha256."""
