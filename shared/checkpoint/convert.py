@@ -122,7 +122,7 @@ def _open_source(o: ConvertOptions) -> _Source:
             cfg = ModelConfig.from_hf(raw)
         except KeyError as e:
             raise CheckpointError(f"{d / 'config.json'} lacks {e.args[0]!r}; it is not a complete model config") from None
-        hf_tensors = hf_fmt.open_hf_weights(d)
+        hf_tensors = hf_fmt.open_hf_weights(d, zero_copy=True)  # only read, then written file to file
         gen = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else None
         has_tok = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
         return _Source("hf", cfg, hf_tensors, hf_fmt.source_dtype(raw, hf_tensors), raw, gen,

@@ -139,16 +139,20 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files; each tensor is its own private memory map.
+    """One or more safetensors files, each tensor read when asked for.
 
-    ``get`` copies nothing: the tensor is a view of the page cache, and its map goes away with
-    the last reference to it, so the process holds only the tensors in hand, never every page
-    of the file it has touched.
+    By default ``get`` returns a tensor of its own (read with ``pread``), free to be changed.
+    With ``zero_copy`` it returns a view of a private memory map of the file instead - nothing
+    is copied, and the map goes with the last reference to the tensor - and writers copy such
+    views file-to-file in the kernel (``MappedFile.locate``), so the caller must treat them as
+    read-only: the converter does; a model that trains on its weights must not.
     """
 
-    def __init__(self, paths: Sequence[Path], index: Mapping[str, str] | None = None) -> None:
+    def __init__(self, paths: Sequence[Path], index: Mapping[str, str] | None = None,
+                 zero_copy: bool = False) -> None:
         super().__init__()
         self._paths = list(paths)
+        self._zero_copy = zero_copy
         self._files: dict[Path, MappedFile] = {}
         self._where: dict[str, tuple[Path, int, int]] = {}
         for p in self._paths:
@@ -176,8 +180,16 @@ class SafetensorsSource(TensorSource):
             self._files[path] = MappedFile(path)
         if self._files[path].size() < offset + n:
             raise CheckpointError(f"{path}: ended early while reading {name}; the file was truncated")
-        flat = torch.frombuffer(self._files[path].map(offset, n), dtype=dtype)
-        return flat.reshape(shape)
+        if self._zero_copy:
+            return torch.frombuffer(self._files[path].map(offset, n), dtype=dtype).reshape(shape)
+        buf = bytearray(n)
+        view, done = memoryview(buf), 0
+        while done < n:
+            got = os.preadv(self._files[path].fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"{path}: ended early while reading {name}; the file was truncated")
+            done += got
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def files(self) -> list[Path]:
         return list(self._paths)
@@ -237,17 +249,19 @@ def _load_index(path: Path) -> dict[str, str]:
     return index
 
 
-def open_hf_weights(directory: Path) -> TensorSource:
-    """The weights of an HF checkpoint directory (safetensors preferred, sharded or not)."""
+def open_hf_weights(directory: Path, zero_copy: bool = False) -> TensorSource:
+    """The weights of an HF checkpoint directory (safetensors preferred, sharded or not).
+
+    ``zero_copy``: safetensors tensors are read-only views of the files (see ``SafetensorsSource``)."""
     d = Path(directory)
     if (d / "model.safetensors.index.json").exists():
         index = _load_index(d / "model.safetensors.index.json")
-        return SafetensorsSource([d / f for f in sorted(set(index.values()))], index)
+        return SafetensorsSource([d / f for f in sorted(set(index.values()))], index, zero_copy)
     if (d / "model.safetensors").exists():
-        return SafetensorsSource([d / "model.safetensors"])
+        return SafetensorsSource([d / "model.safetensors"], zero_copy=zero_copy)
     singles = sorted(d.glob("*.safetensors"))
     if singles:
-        return SafetensorsSource(singles)
+        return SafetensorsSource(singles, zero_copy=zero_copy)
     if (d / "pytorch_model.bin.index.json").exists():
         index = _load_index(d / "pytorch_model.bin.index.json")
         return TorchFilesSource([d / f for f in sorted(set(index.values()))])

@@ -46,7 +46,7 @@ def test_kernel_copy_and_plain_writes_give_identical_files(make_hf_checkpoint, t
 
 def test_mapped_tensors_locate_their_file_bytes(make_hf_checkpoint):
     src = make_hf_checkpoint("llama2")
-    tensors = safe_io.open_hf_weights(src)
+    tensors = safe_io.open_hf_weights(src, zero_copy=True)
     name = "model.layers.0.self_attn.q_proj.weight"
     q = tensors.get(name)
     rows = q[4:9]  # a row range: contiguous bytes of the file
@@ -89,3 +89,22 @@ def test_repeated_conversions_copy_the_right_bytes(make_hf_checkpoint, tmp_path,
             if name.endswith(".safetensors"):
                 assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (i, name)
         native.verify(out)
+
+
+def test_default_reads_are_owned_so_changes_are_written(make_hf_checkpoint, tmp_path):
+    """Tensors from a default source are the caller's (a trainer changes them in place); a writer
+    must write what they hold, not copy the file they came from."""
+    import torch
+
+    src = make_hf_checkpoint("llama3")
+    tensors = safe_io.open_hf_weights(src)
+    name = "model.layers.0.mlp.down_proj.weight"
+    t = tensors.get(name)
+    assert MappedFile.locate(t.data_ptr(), t.numel() * t.element_size()) is None
+    t.mul_(2.0)  # as an optimizer step would
+    w = safe_io.StreamingSafetensorsWriter(tmp_path / "x.safetensors", [(name, tuple(t.shape), t.dtype)])
+    w.add(name, t)
+    w.close()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "x.safetensors")[name], t)
