@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -30,13 +31,8 @@ def keep_freed_memory(limit: int = 512 << 20) -> None:
     defaults each one is a fresh mmap whose pages fault in again (about a third of the
     conversion's time here). No effect off glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, limit)
@@ -50,7 +46,6 @@ def map_range(fd: int, offset: int, length: int, on_unmap=None):
     reference to it goes - no file descriptor is held, unlike ``mmap.mmap``. Pages are shared
     with the page cache, so mapping copies nothing.
     """
-    import ctypes
     import mmap
     import weakref
 
@@ -95,7 +90,7 @@ class MappedFile:
     def map(self, offset: int, length: int):
         key: list[int] = []
         view = map_range(self.fd, offset, length, on_unmap=lambda: self._forget(key[0]))
-        address = ctypes_address(view)
+        address = ctypes.addressof(view)
         key.append(address)
         with self._lock:
             self._live[address] = (length, offset, self)  # the entry keeps this file open
@@ -120,12 +115,6 @@ class MappedFile:
             os.close(self.fd)
         except (OSError, AttributeError):
             pass
-
-
-def ctypes_address(buffer) -> int:
-    import ctypes
-
-    return ctypes.addressof(buffer)
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> bool:
@@ -153,8 +142,6 @@ _LIBC = None
 def _libc():
     global _LIBC
     if _LIBC is None:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
