@@ -10,8 +10,14 @@ import threading
 from pathlib import Path
 
 
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    """sha256 of a file, hashed straight from the page cache (mapped a chunk at a time)."""
+class Stopped(Exception):
+    """``sha256_file`` was told to stop."""
+
+
+def sha256_file(path: str | Path, chunk: int = 8 << 20, should_stop=None) -> str:
+    """sha256 of a file, hashed straight from the page cache (mapped a chunk at a time).
+
+    ``should_stop``: checked between chunks; when it returns true, raises ``Stopped``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -20,6 +26,8 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
                 h.update(block)
             return h.hexdigest()
         for offset in range(0, size, chunk):
+            if should_stop is not None and should_stop():
+                raise Stopped(str(path))
             h.update(map_range(f.fileno(), offset, min(chunk, size - offset)))
     return h.hexdigest()
 

@@ -33,7 +33,7 @@ from shared.checkpoint.safe_io import (
     staging_dir,
 )
 from shared import tokenizer as tok
-from shared.files import keep_freed_memory, lower_thread_priority
+from shared.files import Stopped, keep_freed_memory, lower_thread_priority
 
 __all__ = ["ConvertOptions", "Progress", "Cancelled", "convert"]
 
@@ -181,13 +181,22 @@ class _Hasher(threading.Thread):
     def __init__(self, files: list[Path]) -> None:
         super().__init__(daemon=True)
         self.files, self.result, self.error = files, {}, None
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         lower_thread_priority(10)
         try:
-            self.result = {p.name if p.parent == self.files[0].parent else str(p): sha256_file(p) for p in self.files}
+            for p in self.files:
+                name = p.name if p.parent == self.files[0].parent else str(p)
+                self.result[name] = sha256_file(p, should_stop=self._stopping.is_set)
+        except Stopped:
+            pass
         except OSError as e:
             self.error = e
+
+    def stop(self) -> None:
+        """Give up (the conversion failed): the thread ends at its next chunk."""
+        self._stopping.set()
 
     def wait(self) -> dict[str, str]:
         self.join()
@@ -216,6 +225,16 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
     _check_options(opts)
     keep_freed_memory()
     src = _open_source(opts)
+    hasher = _Hasher(src.files)  # from the start: it is the longest single piece of work
+    hasher.start()
+    try:
+        return _convert(opts, src, hasher, progress, should_cancel)
+    finally:
+        hasher.stop()
+
+
+def _convert(opts: ConvertOptions, src: _Source, hasher: _Hasher, progress: Callable[[Progress], None] | None,
+             should_cancel: Callable[[], bool] | None) -> dict:
     cfg = _target_config(opts, src)
     if opts.model_size:
         check_preset(opts.model_size, cfg)
@@ -236,8 +255,6 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
             raise Cancelled(f"conversion to {opts.save_dir} cancelled; nothing was written")
         report(tracker.step(nbytes))
 
-    hasher = _Hasher(src.files)
-    hasher.start()
     with staging_dir(Path(opts.save_dir), opts.overwrite) as out, _one_torch_thread():
         if opts.saver == "hf":
             result = _save_hf(out, cfg, src, dtype, step, report)
@@ -273,7 +290,7 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
 
 def _save_native_tensors(out: Path, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype,
                          step, report) -> dict[str, dict[str, Any]]:
-    specs = L.param_specs(cfg, layout)
+    specs = native.stored_specs(cfg, layout)
     writer = native.CheckpointWriter(out, cfg, layout, dtype)
     tracker = ProgressTracker("convert", len(specs), writer.bytes_total)
     try:

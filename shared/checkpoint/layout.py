@@ -111,6 +111,11 @@ def param_specs(cfg: ModelConfig, layout: Layout) -> list[ParamSpec]:
     return specs
 
 
+def is_tied_copy(spec: ParamSpec, cfg: ModelConfig) -> bool:
+    """The last stage's copy of a tied embedding: the same values as the first stage's embedding."""
+    return spec.name == "output_layer.weight" and cfg.tie_word_embeddings
+
+
 def hf_names(cfg: ModelConfig) -> list[str]:
     """The tensor names an HF checkpoint of ``cfg`` holds."""
     names = []
@@ -235,8 +240,8 @@ def shards_to_hf(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], c
     """Inverse of ``hf_to_shards`` (needs every rank)."""
     out: dict[str, torch.Tensor] = {}
     for spec in param_specs(cfg, layout):
-        if spec.name == "output_layer.weight" and cfg.tie_word_embeddings:
-            continue  # the last stage's copy of the tied embedding
+        if is_tied_copy(spec, cfg):
+            continue
         p = spec.pp_rank(cfg, layout)
         local = spec.local_name(cfg, layout)
         tensors = unshard(spec, [shards[(t, p)][local] for t in range(layout.tp)], cfg, layout)

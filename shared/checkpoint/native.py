@@ -8,6 +8,11 @@ A directory without ``manifest.json`` is not a checkpoint. Everything the loader
 from the manifest (architecture, layout, dtype, vocab); nothing is guessed from names.
 Loading at another TP/PP reshards through ``layout.unshard``/``layout.shard``, one parameter
 at a time.
+
+Each tensor is stored once. With tied embeddings and PP > 1 the last stage's output layer is
+the first stage's embedding shard of the same TP rank (``layout.tied_output_layer`` in the
+manifest), and ``load_rank_state_dict`` reads it from there; format version 1 stored a copy
+in the last stage's files, which is still read.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from shared.checkpoint.safe_io import (
 )
 
 FORMAT = "llama-megatron-native"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the last stage also stored its copy of a tied embedding
 MANIFEST = "manifest.json"
 CONVERTER_VERSION = "llama-megatron-svc convert 1"
 
@@ -58,11 +64,16 @@ def shard_shape(spec: ParamSpec, cfg: ModelConfig, layout: Layout) -> tuple[int,
     raise ValueError(f"unknown split kind {spec.kind!r}")
 
 
+def stored_specs(cfg: ModelConfig, layout: Layout) -> list[ParamSpec]:
+    """The parameters the rank files hold, in model order: all but the copy of a tied embedding."""
+    return [s for s in L.param_specs(cfg, layout) if not L.is_tied_copy(s, cfg)]
+
+
 def rank_entries(cfg: ModelConfig, layout: Layout, dtype: torch.dtype
                  ) -> dict[tuple[int, int], list[tuple[str, tuple[int, ...], torch.dtype]]]:
     """(tp, pp) -> [(local name, shape, dtype)] in model order: the content of every rank file."""
     out: dict[tuple[int, int], list] = {r: [] for r in layout.ranks()}
-    for spec in L.param_specs(cfg, layout):
+    for spec in stored_specs(cfg, layout):
         p = spec.pp_rank(cfg, layout)
         shape = shard_shape(spec, cfg, layout)
         for t in range(layout.tp):
@@ -76,6 +87,9 @@ def layout_dict(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
         "stages": [[r.start, r.stop] for r in (layout.stage_layers(cfg, p) for p in range(layout.pp))],
         "vocab_size": cfg.vocab_size, "padded_vocab_size": layout.padded_vocab(cfg),
         "rank_files": {f"{t},{p}": rank_file(t, p) for t, p in layout.ranks()},
+        "tied_output_layer": ("stored once: the last stage's output_layer.weight is "
+                              "embedding.word_embeddings.weight of stage 0, same TP rank")
+        if cfg.tie_word_embeddings and layout.pp > 1 else None,
     }
 
 
@@ -122,9 +136,9 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {raw.get('format_version')} is not supported (this code reads {FORMAT_VERSION})")
+    if raw.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: format version {raw.get('format_version')} is not supported (this code "
+                              f"reads {', '.join(map(str, READABLE_VERSIONS))}); convert it with a newer version")
     cfg = ModelConfig.from_dict(raw["model"])
     lay = raw["layout"]
     layout = Layout(tp=int(lay["tp"]), pp=int(lay["pp"]), divisible_by=int(lay["divisible_by"]))
@@ -198,9 +212,11 @@ class CheckpointWriter:
     where possible), so no shard is assembled in memory. One thread writes each piece at its
     offset - a piece that is a mapped range of a source file is copied by the kernel - and
     hands finished stretches to the disk; another hashes the pieces in file order at a lower
-    priority, so the disk is fed first and hashing fills the time the disk takes. Pieces that
-    own memory (shards assembled or cast) count against ``max_pending_bytes``; mapped source
-    ranges cost no memory until read.
+    priority, so the disk is fed first and hashing fills the time the disk takes. Every piece
+    queued counts against ``max_pending_bytes``: one that owns memory (a shard assembled or
+    cast) holds it until written and hashed, and a mapped source range holds the pages its hash
+    has read - with a slow disk the hash runs ahead of the writes, and without the bound the
+    whole source would end up resident.
     """
 
     def __init__(self, directory: Path, cfg: ModelConfig, layout: Layout, dtype: torch.dtype,
@@ -232,9 +248,8 @@ class CheckpointWriter:
         w = self._files[(tp_rank, pp_rank)]
         placed = w.place(local_name, [p.to(self.dtype) for p in pieces])
         for data, at, source in placed:
-            owned = 0 if source is not None else data.nbytes
-            self._track(self._writes.submit(w.write_at, data, at, source), owned)
-            self._track(self._hashing.submit(w.hash, data), owned)
+            self._track(self._writes.submit(w.write_at, data, at, source), data.nbytes)
+            self._track(self._hashing.submit(w.hash, data), data.nbytes)
         if w.complete:
             self._track(self._hashing.submit(self._finish, w), 0)
 
@@ -289,7 +304,7 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, layout: Layout, hf_tenso
                  else hf_tensors[L.hf_names(cfg)[0]].dtype)
     writer = CheckpointWriter(directory, cfg, layout, dtype)
     try:
-        for spec in L.param_specs(cfg, layout):
+        for spec in stored_specs(cfg, layout):
             p = spec.pp_rank(cfg, layout)
             hf = [_rows(get(n), cfg, spec) for n in spec.hf_names]
             for t, pieces in enumerate(L.shard_pieces(spec, hf, cfg, layout)):
@@ -320,9 +335,7 @@ class ShardedSource(TensorSource):
         super().__init__()
         self.cfg, self.layout, self._get_local = cfg, layout, get_local
         self._spec_of: dict[str, ParamSpec] = {}
-        for spec in L.param_specs(cfg, layout):
-            if spec.name == "output_layer.weight" and cfg.tie_word_embeddings:
-                continue  # the last stage's copy of the tied embedding
+        for spec in stored_specs(cfg, layout):
             for n in spec.hf_names:
                 self._spec_of[n] = spec
                 self._shapes[n] = L.hf_shape(cfg, n)
@@ -395,7 +408,11 @@ def load_rank_state_dict(directory: str | Path, tp_rank: int, pp_rank: int, targ
         from safetensors import safe_open
 
         with safe_open(str(m.rank_path(tp_rank, pp_rank)), framework="pt") as f:
-            return {k: cast(f.get_tensor(k)) for k in f.keys()}
+            out = {k: cast(f.get_tensor(k)) for k in f.keys()}
+        if m.config.tie_word_embeddings and pp_rank == m.layout.pp - 1 > 0 and "output_layer.weight" not in out:
+            with safe_open(str(m.rank_path(tp_rank, 0)), framework="pt") as f:
+                out["output_layer.weight"] = cast(f.get_tensor("embedding.word_embeddings.weight"))
+        return out
     return shards_for_rank(ShardedSource(m.config, m.layout, m.dtype, RankFiles(m.directory, m.rank_names()).get),
                            m.config, target, tp_rank, pp_rank, cast)
 

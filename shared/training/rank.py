@@ -176,6 +176,8 @@ class RankTrainer:
         t, p = ctx.tp_rank, ctx.pp_rank
         if ctx.dp_rank == 0:
             weights = base_state(self.stage, merge=export and self.config.lora)
+            if self.tied_copy:
+                weights.pop("output_layer.weight", None)  # stored once, as stage 0's embedding
             _save({k: v.to(self.dtype) for k, v in weights.items()}, d / rank_file(t, p))
             if adapters_dir is not None:
                 _save(adapter_state(self.stage), Path(adapters_dir) / adapter_file(t, p))

@@ -108,3 +108,46 @@ def test_default_reads_are_owned_so_changes_are_written(make_hf_checkpoint, tmp_
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "x.safetensors")[name], t)
+
+
+def test_tied_embedding_is_stored_once_and_loads_on_the_last_stage(make_hf_checkpoint, tmp_path):
+    """With PP > 1 the last stage's output layer is not a second copy on disk: it is read from the
+    first stage's embedding shard of the same TP rank, and a version-1 checkpoint that stored the
+    copy still loads to the same state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_checkpoint("tied")
+    ckpt = tmp_path / "ckpt"
+    m = run(src, ckpt, target_tp=2, target_pp=2, validate=False)
+    assert m["format_version"] == 2 and m["layout"]["tied_output_layer"]
+    last = [native.load_rank_state_dict(ckpt, t, 1) for t in range(2)]
+    for t in range(2):
+        with safe_open(str(ckpt / native.rank_file(t, 1)), framework="pt") as f:
+            assert "output_layer.weight" not in f.keys()
+        emb = load_file(ckpt / native.rank_file(t, 0))["embedding.word_embeddings.weight"]
+        assert torch.equal(last[t]["output_layer.weight"], emb)
+    # the embedding really is split per TP rank, so reading the wrong rank's would be caught
+    assert not torch.equal(last[0]["output_layer.weight"], last[1]["output_layer.weight"])
+
+    # a version-1 checkpoint: the copy in the last stage's files, the manifest says version 1
+    v1 = tmp_path / "v1"
+    run(ckpt, v1, loader="mcore", target_tp=2, target_pp=2, validate=False)
+    for t in range(2):
+        tensors = load_file(v1 / native.rank_file(t, 1))
+        tensors["output_layer.weight"] = last[t]["output_layer.weight"] * 3  # distinguishable from the embedding
+        save_file(tensors, v1 / native.rank_file(t, 1), metadata={"format": "pt"})
+    raw = json.loads((v1 / "manifest.json").read_text())
+    raw["format_version"] = 1
+    (v1 / "manifest.json").write_text(json.dumps(raw))
+    for t in range(2):
+        got = native.load_rank_state_dict(v1, t, 1)
+        assert torch.equal(got["output_layer.weight"], last[t]["output_layer.weight"] * 3)
+
+
+def test_pipeline_checkpoint_of_a_tied_model_is_no_larger_than_one_copy(make_hf_checkpoint, tmp_path):
+    src = make_hf_checkpoint("tied")
+    one = run(src, tmp_path / "pp1", validate=False)
+    two = run(src, tmp_path / "pp2", target_pp=2, validate=False)
+    size = lambda m: sum(f["bytes"] for n, f in m["files"].items() if n.endswith(".safetensors"))  # noqa: E731
+    assert size(two) < size(one) + 4096  # headers only, not a second embedding
