@@ -38,6 +38,14 @@ def copy_seconds(files: list[Path], dest: Path) -> float:
     return time.perf_counter() - t0
 
 
+def quiet_disk(work: Path) -> None:
+    """Remove the previous outputs and let the file system finish with them, so neither timed
+    step pays for freeing the other's blocks."""
+    for d in ("copy", "out"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    os.sync()
+
+
 def cli_run(src: Path, out: Path, tp: int, pp: int, validate: bool) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of `python -m services.convert` as a child process."""
     cmd = [sys.executable, "-m", "services.convert", "--model-type", "GPT", "--loader", "llama_mistral",
@@ -89,9 +97,9 @@ def main() -> None:
             for validate in ([False, True] if args.validate else [False]):
                 copies, convs = [], []
                 for _ in range(args.repeats):  # alternate, so drift hits both alike; report medians
+                    quiet_disk(work)
                     copies.append(copy_seconds(weights, work / "copy"))
-                    shutil.rmtree(work / "copy", ignore_errors=True)
-                    shutil.rmtree(work / "out", ignore_errors=True)
+                    quiet_disk(work)
                     t0 = time.perf_counter()
                     convert(ConvertOptions(load_dir=src, save_dir=work / "out", target_tp=tp, target_pp=pp,
                                            validate=validate))

@@ -247,3 +247,25 @@ def test_unexpected_tensor_is_refused(make_hf_checkpoint, tmp_path):
     weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     expect_error(src, tmp_path / "out", CheckpointError, "o_proj.bias.*silently drop")
+
+
+def test_failed_conversion_stops_hashing_the_source(tmp_path):
+    """The provenance hasher starts with the conversion; when the conversion fails it gives up at
+    its next chunk instead of reading the rest of a (possibly huge) source."""
+    from shared.checkpoint.convert import _Hasher
+    from shared.files import Stopped, sha256_file
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    calls = []
+    with pytest.raises(Stopped):
+        sha256_file(big, chunk=1 << 20, should_stop=lambda: calls.append(1) or len(calls) > 1)
+    assert len(calls) == 2  # stopped before the second chunk
+    hasher = _Hasher([big, big])
+    hasher.stop()
+    hasher.start()
+    hasher.join(timeout=10)
+    assert not hasher.is_alive() and hasher.result == {} and hasher.error is None
+    finished = _Hasher([big])
+    finished.start()
+    assert finished.wait() == {"big.bin": sha256_file(big)}
