@@ -173,6 +173,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         fn(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def lower_thread_priority(niceness: int) -> None:
     """Make the calling thread yield the CPU to the process's other threads (Linux: per-thread nice)."""
     import threading

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from shared.config import ModelConfig
-from shared.files import lower_thread_priority
+from shared.files import lower_thread_priority, usable_cpus
 from shared.checkpoint import layout as L
 from shared.checkpoint.layout import Layout, ParamSpec
 from shared.checkpoint.safe_io import (
@@ -146,7 +146,7 @@ def load_manifest(directory: str | Path) -> Manifest:
 
 
 def _hash_files(directory: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(max(1, min(len(names), usable_cpus()))) as pool:
         digests = list(pool.map(lambda n: sha256_file(directory / n), names))
     return {n: {"sha256": h, "bytes": (directory / n).stat().st_size} for n, h in zip(names, digests)}
 
@@ -211,8 +211,11 @@ class CheckpointWriter:
     ``add`` takes a tensor as the pieces ``layout.shard_pieces`` makes (views of the source
     where possible), so no shard is assembled in memory. One thread writes each piece at its
     offset - a piece that is a mapped range of a source file is copied by the kernel - and
-    hands finished stretches to the disk; another hashes the pieces in file order at a lower
-    priority, so the disk is fed first and hashing fills the time the disk takes. Every piece
+    hands finished stretches to the disk; others hash the pieces in file order at a lower
+    priority, so the disk is fed first and hashing fills the time the disk takes. A file's
+    sha256 is one sequential pass, so files are spread over ``hash_threads`` threads (default:
+    one per spare CPU, at most one per file): on a large machine a TP·PP checkpoint hashes in
+    parallel, on a two-core one a single thread leaves a core to the writes. Every piece
     queued counts against ``max_pending_bytes``: one that owns memory (a shard assembled or
     cast) holds it until written and hashed, and a mapped source range holds the pages its hash
     has read - with a slow disk the hash runs ahead of the writes, and without the bound the
@@ -220,14 +223,17 @@ class CheckpointWriter:
     """
 
     def __init__(self, directory: Path, cfg: ModelConfig, layout: Layout, dtype: torch.dtype,
-                 max_pending_bytes: int = 128 << 20) -> None:
+                 max_pending_bytes: int = 128 << 20, hash_threads: int | None = None) -> None:
         layout.check(cfg)
         self.directory, self.cfg, self.layout, self.dtype = Path(directory), cfg, layout, dtype
         self._files: dict[tuple[int, int], StreamingSafetensorsWriter] = {}
         self._hashes: dict[str, dict[str, Any]] = {}
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="ckpt-write")
-        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash",
-                                           initializer=lower_thread_priority, initargs=(5,))
+        n_hash = hash_threads or max(1, min(len(layout.ranks()), usable_cpus() - 1))
+        # one single-thread executor per group of files: each file's updates stay in order
+        self._hashing = [ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash", initializer=lower_thread_priority,
+                                            initargs=(5,)) for _ in range(n_hash)]
+        self._hasher_of = {rank: self._hashing[i % n_hash] for i, rank in enumerate(layout.ranks())}
         self._syncing = ThreadPoolExecutor(1, thread_name_prefix="ckpt-sync")
         self._pending: deque[tuple[Future, int]] = deque()
         self._pending_bytes = 0
@@ -245,16 +251,16 @@ class CheckpointWriter:
                                for rank_list in entries.values() for _, shape, dt in rank_list)
 
     def add(self, tp_rank: int, pp_rank: int, local_name: str, pieces: Sequence[torch.Tensor]) -> None:
-        w = self._files[(tp_rank, pp_rank)]
+        w, hashing = self._files[(tp_rank, pp_rank)], self._hasher_of[(tp_rank, pp_rank)]
         placed = w.place(local_name, [p.to(self.dtype) for p in pieces])
         for data, at, source in placed:
             self._track(self._writes.submit(w.write_at, data, at, source), data.nbytes)
-            self._track(self._hashing.submit(w.hash, data), data.nbytes)
+            self._track(hashing.submit(w.hash, data), data.nbytes)
         if w.complete:
-            self._track(self._hashing.submit(self._finish, w), 0)
+            self._track(hashing.submit(self._finish, w), 0)
 
     def _finish(self, w: StreamingSafetensorsWriter) -> None:
-        """Runs on the hashing thread after the file's last hash update."""
+        """Runs on the file's hashing thread after its last hash update."""
         self._hashes[w.path.name] = {"sha256": w.digest(), "bytes": w.nbytes}
 
     def _track(self, fut: Future, nbytes: int) -> None:
@@ -273,7 +279,7 @@ class CheckpointWriter:
         incomplete = [w.path.name for w in self._files.values() if not w.complete]
         if incomplete:
             raise CheckpointError(f"rank files {incomplete} did not receive all their tensors")
-        for pool in (self._writes, self._hashing, self._syncing):
+        for pool in (self._writes, *self._hashing, self._syncing):
             pool.shutdown()
         # every file to disk at the end, together: a sync in the middle would stall the pipeline
         # on the disk's cache flush, and concurrent syncs share one journal commit
@@ -284,7 +290,7 @@ class CheckpointWriter:
     def abort(self) -> None:
         for fut, _ in self._pending:
             fut.cancel()
-        for pool in (self._hashing, self._writes, self._syncing):
+        for pool in (*self._hashing, self._writes, self._syncing):
             pool.shutdown(wait=True, cancel_futures=True)
         for w in self._files.values():
             w.abort()

@@ -151,3 +151,21 @@ def test_pipeline_checkpoint_of_a_tied_model_is_no_larger_than_one_copy(make_hf_
     two = run(src, tmp_path / "pp2", target_pp=2, validate=False)
     size = lambda m: sum(f["bytes"] for n, f in m["files"].items() if n.endswith(".safetensors"))  # noqa: E731
     assert size(two) < size(one) + 4096  # headers only, not a second embedding
+
+
+def test_hashing_spread_over_threads_gives_the_same_checkpoint(make_hf_checkpoint, tmp_path, monkeypatch):
+    """On a machine with spare CPUs each rank file (and each source file) hashes on its own
+    thread; the files and the recorded sha256s are the same as with one hashing thread."""
+    from shared.checkpoint import convert as convert_mod
+
+    src = make_hf_checkpoint("llama3")
+    for name, cpus in (("one", 1), ("many", 8)):
+        monkeypatch.setattr(native, "usable_cpus", lambda n=cpus: n)
+        monkeypatch.setattr(convert_mod, "usable_cpus", lambda n=cpus: n)
+        run(src, tmp_path / name, target_tp=2, target_pp=2, validate=False)
+    one, many = _digests(tmp_path / "one"), _digests(tmp_path / "many")
+    assert one == many and len([n for n in many if n.endswith(".safetensors")]) == 4
+    for name, digest in many.items():
+        assert hashlib.sha256((tmp_path / "many" / name).read_bytes()).hexdigest() == digest
+    source = json.loads((tmp_path / "many" / "manifest.json").read_text())["provenance"]["source"]["files_sha256"]
+    assert source["model.safetensors"] == hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
