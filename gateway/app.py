@@ -14,10 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from gateway.api.routes import checkpoints, generate, jobs, ops
+from gateway.api.routes import checkpoints, datasets, generate, jobs, ops
 from gateway.core.config import Settings, get_settings
 from gateway.core.services import Services
-from gateway.limits import BodyLimitMiddleware
+from gateway.edge import RequestIdMiddleware, UploadGate
+from gateway.limits import BodyLimitMiddleware, upload_limit
 from gateway.metrics import Metrics
 from shared.jobs.logs import setup_json_logging
 
@@ -42,13 +43,27 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     app = FastAPI(title="llama-megatron-svc", version="0.1.0", lifespan=lifespan,
                   description="Convert, reshard, export, finetune and serve Llama-family checkpoints. "
                               "Authenticate with `Authorization: Bearer <key>`.")
-    for r in (jobs.router, checkpoints.router, generate.router, ops.router):
+    for r in (jobs.router, checkpoints.router, datasets.router, generate.router, ops.router):
         app.include_router(r)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "")
+        return JSONResponse({"detail": f"internal server error (request {rid})"}, status_code=500,
+                            headers={"X-Request-ID": rid} if rid else None)
+
+    def limit_for(scope) -> int:
+        upload = upload_limit(settings, scope)
+        return upload[0] if upload else settings.max_body_bytes
+
+    # outermost first: request id, access log, upload gate (before any body byte), body limit
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(UploadGate)
 
     @app.middleware("http")
     async def _access_log(request: Request, call_next):
@@ -63,14 +78,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
                                    "team": getattr(request.state, "team", None)})
         return response
 
-    upload_path = "/v1/checkpoints"
-
-    def limit_for(scope) -> int:
-        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == upload_path:
-            return settings.max_upload_bytes
-        return settings.max_body_bytes
-
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

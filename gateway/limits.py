@@ -5,6 +5,21 @@ from __future__ import annotations
 import json
 
 
+UPLOAD_LIMITS = {"/v1/checkpoints": "max_upload_bytes", "/v1/datasets": "max_dataset_bytes"}
+
+
+def upload_limit(settings, scope) -> tuple[int, str] | None:
+    """(byte limit, its setting) of a POST to an upload route (large bodies, gated before any
+    byte is read); ``None`` for every other request."""
+    if scope.get("type") != "http" or scope.get("method") != "POST":
+        return None
+    path = scope.get("path", "").rstrip("/")
+    for prefix, setting in UPLOAD_LIMITS.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return getattr(settings, setting), f"LLAMA_SVC_{setting.upper()}"
+    return None
+
+
 class BodyLimitMiddleware:
     """Pure ASGI middleware: 413 once a body exceeds its limit (uploads get a larger one)."""
 
@@ -21,9 +36,9 @@ class BodyLimitMiddleware:
             try:
                 too_big = int(declared) > limit
             except ValueError:
-                return await _reply(send, 400, "invalid Content-Length header")
+                return await reply(send, 400, "invalid Content-Length header")
             if too_big:
-                return await _reply(send, 413, f"request body over the {limit}-byte limit")
+                return await reply(send, 413, f"request body over the {limit}-byte limit")
         seen, started, answered = 0, False, False
 
         async def counting_receive():
@@ -37,7 +52,7 @@ class BodyLimitMiddleware:
                 if seen > limit:
                     if not started:
                         answered = True
-                        await _reply(send, 413, f"request body over the {limit}-byte limit")
+                        await reply(send, 413, f"request body over the {limit}-byte limit")
                     return {"type": "http.disconnect"}
             return msg
 
@@ -52,9 +67,10 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, tracking_send)
 
 
-async def _reply(send, status: int, detail: str) -> None:
+async def reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """A ``{"detail": ...}`` JSON answer that closes the connection (the body may be unread)."""
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})

@@ -2,8 +2,12 @@
 
 The request path stays on the event loop: the task message is pushed onto the ``generate``
 queue with the async Redis client (no thread hop, no per-publish binding lookup), the reply is
-awaited with BLPOP on the same client's connection pool, and a checkpoint's existence is looked
-up in the store at most once per ``EXISTS_TTL_S`` per (team, model).
+awaited with BLPOP on the same client's connection pool, and a checkpoint's manifest (whether it
+exists, its position limit) is read from the store at most once per ``EXISTS_TTL_S`` per (team, model).
+
+Each request in flight holds one connection of the pool (during BLPOP) and one of
+``max_concurrent_generations`` slots; without a free slot it is refused at once with 429 (the
+pool is sized above the slots, so capacity is never a 503).
 """
 
 from __future__ import annotations
@@ -21,27 +25,39 @@ import redis
 from anyio import to_thread
 from fastapi import HTTPException
 
+from gateway.api.deps import model_positions
 from gateway.core.services import Services
 from shared.jobs.transport import GENERATE_REQUEST
+from shared.storage import CheckpointNotFound
 
 QUEUE = "generate"
 EXISTS_TTL_S = 2.0
 _ORIGIN = f"gateway{os.getpid()}@{socket.gethostname()}"
-_exists_until: dict[tuple[int, str, str], float] = {}
+_info_until: dict[tuple[int, str, str], tuple[float, dict]] = {}
+
+
+async def model_info(svc: Services, team: str, model: str) -> dict | None:
+    """``{"max_positions": int | None}`` when ``team/model`` is committed, else None. Positive
+    answers are trusted for EXISTS_TTL_S (a just-uploaded checkpoint is seen at once; a deleted
+    one is refused by the worker)."""
+    key, now = (id(svc), team, model), time.monotonic()
+    hit = _info_until.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    try:
+        manifest = await to_thread.run_sync(svc.checkpoints.manifest, team, model)
+    except CheckpointNotFound:
+        return None
+    info = {"max_positions": model_positions(manifest)}
+    if len(_info_until) > 10_000:
+        _info_until.clear()
+    _info_until[key] = (now + EXISTS_TTL_S, info)
+    return info
 
 
 async def model_exists(svc: Services, team: str, model: str) -> bool:
-    """Whether ``team/model`` is committed; positive answers are trusted for EXISTS_TTL_S (a
-    just-uploaded checkpoint is seen at once; a deleted one is refused by the worker)."""
-    key, now = (id(svc), team, model), time.monotonic()
-    if _exists_until.get(key, 0.0) > now:
-        return True
-    ok = await to_thread.run_sync(svc.checkpoints.exists, team, model)
-    if ok:
-        if len(_exists_until) > 10_000:
-            _exists_until.clear()
-        _exists_until[key] = now + EXISTS_TTL_S
-    return ok
+    """Whether ``team/model`` is committed (see ``model_info``)."""
+    return await model_info(svc, team, model) is not None
 
 
 def task_message(args: list, expires_s: float) -> tuple[str, bytes]:
@@ -94,29 +110,54 @@ async def _pop(svc: Services, key: str, timeout: float) -> dict:
     return msg
 
 
+async def _take_slot(svc: Services) -> None:
+    """One of ``max_concurrent_generations`` slots, or 429 at once (never a wait, never a 503)."""
+    if svc.generations.locked():
+        s = svc.settings
+        raise HTTPException(429, f"the gateway is relaying {s.max_concurrent_generations} generation requests, "
+                                 "its limit; retry shortly", headers={"Retry-After": str(s.retry_after_s)})
+    await svc.generations.acquire()  # free: returns without waiting
+
+
 async def call(svc: Services, request: dict) -> dict:
     """The worker's reply: ``response``, and its own time ``worker_ms`` and model ``cache`` state."""
     timeout = svc.settings.generate_timeout_s
-    key = await _publish(svc, request, timeout)
-    return await _pop(svc, key, timeout)
+    await _take_slot(svc)
+    try:
+        key = await _publish(svc, request, timeout)
+        return await _pop(svc, key, timeout)
+    finally:
+        svc.generations.release()
 
 
 async def stream(svc: Services, request: dict) -> AsyncIterator[dict]:  # awaited, then iterated
-    """Yields chunk dicts. The first reply is awaited before returning, so errors become HTTP statuses."""
+    """Yields chunk dicts. The first reply is awaited before returning, so errors become HTTP statuses.
+    The slot is held until the chunks end or the iterator is closed."""
     timeout = svc.settings.generate_timeout_s
-    key = await _publish(svc, request, timeout)
-    first = await _pop(svc, key, timeout)
+    await _take_slot(svc)
+    try:
+        key = await _publish(svc, request, timeout)
+        first = await _pop(svc, key, timeout)
+    except BaseException:
+        svc.generations.release()
+        raise
 
     async def gen():
-        msg = first
-        while True:
-            if msg.get("done"):
-                return
-            yield msg["chunk"]
-            try:
-                msg = await _pop(svc, key, timeout)
-            except HTTPException as e:
-                yield {"error": {"message": e.detail, "code": e.status_code}}
-                return
+        try:
+            yield None  # primed below, so closing the iterator before its first chunk still frees the slot
+            msg = first
+            while True:
+                if msg.get("done"):
+                    return
+                yield msg["chunk"]
+                try:
+                    msg = await _pop(svc, key, timeout)
+                except HTTPException as e:
+                    yield {"error": {"message": e.detail, "code": e.status_code}}
+                    return
+        finally:
+            svc.generations.release()
 
-    return gen()
+    chunks = gen()
+    await chunks.__anext__()
+    return chunks

@@ -73,6 +73,16 @@ class Client:
                         f.write(chunk)
         return dest
 
+    # ---- datasets
+    def upload_dataset(self, name: str, path: Path | str) -> dict:
+        """Upload a JSONL file as the team's dataset ``name`` (name it in a finetune's ``dataset``)."""
+        with open(path, "rb") as f:
+            return self._json(self.http.post("/v1/datasets", params={"name": name}, content=f,
+                                             headers={"Content-Type": "application/x-ndjson"}, timeout=None))
+
+    def list_datasets(self) -> list[dict]:
+        return self._json(self.http.get("/v1/datasets"))["datasets"]
+
     # ---- jobs
     def submit(self, kind: str, *, idempotency_key: str | None = None, **params) -> dict:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -88,6 +98,10 @@ class Client:
 
     def cancel(self, job_id: str) -> dict:
         return self._json(self.http.post(f"/v1/jobs/{job_id}/cancel"))
+
+    def metrics(self, job_id: str) -> list[dict]:
+        """A finished finetune's training metrics, one dict per step and evaluation."""
+        return self._json(self.http.get(f"/v1/jobs/{job_id}/metrics"))["metrics"]
 
     def events(self, job_id: str, after: int = 0) -> dict:
         return self._json(self.http.get(f"/v1/jobs/{job_id}/events", params={"after": after}))

@@ -32,7 +32,7 @@ def main() -> int:
     data = ROOT / ".data" / "demo"
     shutil.rmtree(data, ignore_errors=True)  # the previous demo's stack and checkpoints
     t0 = time.time()
-    with LocalStack(data) as stack:
+    with LocalStack(data, restart_workers=True) as stack:
         print(f"stack up at {stack.url} in {time.time() - t0:.1f}s (docs: {stack.url}/docs)")
         c = Client(stack.url, stack.api_key, timeout=600)
         name = f"smollm2-{int(time.time())}"

@@ -4,6 +4,9 @@ one Celery worker per queue, as child processes.
     python -m services.stack [--port 8000] [--data-dir DIR]    # foreground, Ctrl-C to stop
 
 ``LocalStack`` is the same thing as a context manager (used by the demo, tests and bench).
+With ``restart_workers=True`` (``make serve``, the demo) a monitor thread restarts a worker
+that exits on its own or is killed from outside (the OOM killer, ``kill``); the stack's own
+``kill``/``stop`` are deliberate and never undone.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +40,8 @@ def free_port() -> int:
 class LocalStack:
     def __init__(self, data_dir: Path | str | None = None, *, port: int = 0, redis_url: str | None = None,
                  storage_url: str | None = None, api_keys: dict[str, str] | None = None,
-                 queues: tuple[str, ...] = QUEUES, env: dict[str, str] | None = None, quiet: bool = True):
+                 queues: tuple[str, ...] = QUEUES, env: dict[str, str] | None = None, quiet: bool = True,
+                 restart_workers: bool = False):
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="llama-svc-")
         self.data_dir = Path(data_dir or self._tmp).resolve()
         self.port = port or free_port()
@@ -47,6 +52,11 @@ class LocalStack:
         self.procs: dict[str, subprocess.Popen] = {}
         self._redis_port: int | None = None
         self.logs = self.data_dir / "logs"
+        self.restart_workers, self.restarts = restart_workers, 0
+        self._cmds: dict[str, list[str]] = {}
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._monitor: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -91,6 +101,9 @@ class LocalStack:
         for q in self.queues:
             self.start_worker(q)
         self.wait_ready()
+        if self.restart_workers:
+            self._monitor = threading.Thread(target=self._watch_workers, daemon=True, name="stack-monitor")
+            self._monitor.start()
 
     def start_redis(self) -> None:
         if shutil.which("redis-server") is None:
@@ -117,6 +130,9 @@ class LocalStack:
         self._stop(name, sig, grace=0)
 
     def stop(self) -> None:
+        self._closing.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
         for name in [n for n in self.procs if n.startswith("worker")]:
             self._stop(name, signal.SIGTERM)
         for name in ("gateway", "redis"):
@@ -124,15 +140,43 @@ class LocalStack:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def _watch_workers(self, poll_s: float = 0.5) -> None:
+        """Restart workers that exited without the stack stopping them (backing off if they crash-loop)."""
+        backoff: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay before the next)
+        while not self._closing.wait(poll_s):
+            with self._lock:
+                for name, p in list(self.procs.items()):
+                    if not name.startswith("worker") or p.poll() is None or self._closing.is_set():
+                        continue
+                    started, delay = backoff.get(name, (0.0, 0.5))
+                    now = time.time()
+                    delay = 0.5 if now - started > 60 else delay  # it ran a while: not a crash loop
+                    if now - started < delay:
+                        continue
+                    self._note(name, f"exited with {p.returncode}; restarting it")
+                    self._spawn(name, self._cmds[name])
+                    self.restarts += 1
+                    backoff[name] = (now, min(delay * 2, 30.0))
+
+    def _note(self, name: str, what: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} stack: {name} {what}\n"
+        with open(self.logs / f"{name}.log", "a") as f:
+            f.write(line)
+        if not self.quiet:
+            print(line, end="", file=sys.stderr, flush=True)
+
     # ---- helpers
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        with self._lock:
+            self._cmds[name] = cmd
+            self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
     def _stop(self, name: str, sig: int, grace: float = 10.0) -> None:
-        p = self.procs.pop(name, None)
+        with self._lock:  # once popped, the monitor no longer sees it: a deliberate stop is never undone
+            p = self.procs.pop(name, None)
         if p is None or p.poll() is not None:
             return
         try:
@@ -147,8 +191,8 @@ class LocalStack:
     def _wait(self, probe, what: str, timeout: float) -> None:
         deadline, last = time.time() + timeout, None
         while time.time() < deadline:
-            for n, p in self.procs.items():
-                if p.poll() is not None:
+            for n, p in list(self.procs.items()):
+                if p.poll() is not None and not (self._monitor and n.startswith("worker")):
                     raise RuntimeError(f"{n} exited with {p.returncode}; see {self.logs / (n + '.log')}")
             try:
                 probe()
@@ -184,14 +228,14 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--data-dir", type=Path, default=ROOT / ".data" / "stack")
     args = ap.parse_args()
-    with LocalStack(args.data_dir, port=args.port, quiet=False) as stack:
+    with LocalStack(args.data_dir, port=args.port, quiet=False, restart_workers=True) as stack:
         print(f"gateway  {stack.url}  (OpenAPI docs at {stack.url}/docs)")
         print(f"API key  {stack.api_key}  (team 'local')")
         print(f"redis    {stack.redis_url}\ndata     {stack.data_dir}\nlogs     {stack.logs}")
         print(f"try:     curl -H 'Authorization: Bearer {stack.api_key}' {stack.url}/v1/jobs")
         print("Ctrl-C to stop", flush=True)
         try:
-            while all(p.poll() is None for p in stack.procs.values()):
+            while all(p.poll() is None for n, p in list(stack.procs.items()) if not n.startswith("worker")):
                 time.sleep(1)
             print("a component exited; stopping (see logs)", file=sys.stderr)
             return 1

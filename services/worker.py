@@ -7,8 +7,15 @@ spawned child process in its own process group (never CUDA in a forked child), t
 refreshes the record's heartbeat, and a cancel request (a flag in the record, also checked by
 the child between steps) ends in killing the child's process group after a grace period. The
 child dies with its supervisor (PR_SET_PDEATHSIG), so a SIGKILLed worker leaves no orphan
-writing output; the reaper then re-queues or fails the job. The outcome is written with the
-attempt number as a fencing token, so each job ends in exactly one terminal state.
+writing output; the reaper then re-queues or fails the job. A child killed by a signal (the
+OOM killer) counts as an attempt the same way: the supervisor re-queues the job while attempts
+remain. The outcome is written with the attempt number as a fencing token, so each job ends in
+exactly one terminal state.
+
+Each attempt works in ``<data_dir>/work/<job_id>-<attempt>``; the supervisor removes it when
+the child has exited, whatever the outcome, and a starting worker removes every work directory
+that is not its job's running attempt (left by a killed worker). Error messages recorded in a
+job never carry host paths (``shared.paths.redact``).
 
 Run a worker:  celery -A services.worker worker -Q convert --pool solo -n convert@%h
 """
@@ -21,6 +28,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,9 +42,11 @@ from typing import Callable
 from celery import signals
 
 from gateway.core.config import get_settings
-from shared.jobs import CANCELLED, FAILED, SUCCEEDED, Job, JobStore
+from shared.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from shared.jobs.logs import job_id_var, setup_json_logging
+from shared.jobs.reaper import dispatch as redispatch
 from shared.jobs.transport import make_celery, job_task_name
+from shared.paths import redact
 from shared.storage import CheckpointStore, open_store
 
 log = logging.getLogger("llama_svc.worker")
@@ -70,6 +80,38 @@ class JobFailed(Exception):
 
 class OwnershipLost(Exception):
     """The reaper re-queued or failed this attempt (our heartbeat was judged stale)."""
+
+
+class ChildKilled(Exception):
+    """The job's child process was killed by a signal it did not ask for (e.g. the OOM killer)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"killed by signal {signum}")
+        self.signum = signum
+
+
+def work_root() -> Path:
+    return settings.data_dir / "work"
+
+
+def work_dir(job_id: str, attempt: int) -> Path:
+    """The scratch directory of one attempt of a job."""
+    return work_root() / f"{job_id}-{attempt}"
+
+
+def job_roots(workdir: Path | None) -> dict[str, Path]:
+    """Directory -> label for ``redact``: the names the job functions give their subdirectories."""
+    roots: dict[str, Path] = {"": settings.data_dir}
+    if workdir is not None:
+        roots.update({"work": workdir, **{n: workdir / n for n in ("source", "reference", "output", "eval", "data")}})
+    return roots
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # ---------------------------------------------------------------- the supervisor side
@@ -108,8 +150,16 @@ class JobContext:
         return self.cancel.is_set() or self.lost.is_set()
 
     def run_child(self, target: str, *, env: dict | None = None) -> dict:
-        """Run ``module:function(job, ChildContext) -> dict`` in a spawned process group."""
+        """Run ``module:function(job, ChildContext) -> dict`` in a spawned process group.
+
+        Raises ``ChildKilled`` when a signal ended the child without a cancel (``run_job``
+        retries it like a lost worker). The attempt's work directory is removed once the child
+        and its group are gone, whatever the outcome.
+        """
         job = self.job
+        workdir = work_dir(job.id, job.attempts)
+        for old in work_root().glob(f"{job.id}-*"):  # earlier attempts (a killed worker's)
+            shutil.rmtree(old, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"job-{job.id[:8]}-") as tmp:
             result_path = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "services.worker", "--child", job.id, str(job.attempts), target,
@@ -119,13 +169,15 @@ class JobContext:
                 rc = self._supervise(proc)
             finally:
                 _kill_group(proc.pid)
+                _remove_tree(workdir)
             out = json.loads(result_path.read_text()) if result_path.exists() else {}
         if rc == 0 and "result" in out:
             return out["result"]
         if rc == EXIT_CANCELLED or self.cancel.is_set():
             raise JobCancelled(out.get("error") or "cancelled")
-        reason = out.get("error") or (f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}")
-        raise JobFailed(reason)
+        if rc < 0 and "error" not in out:
+            raise ChildKilled(-rc)
+        raise JobFailed(redact(out.get("error") or f"exited with code {rc}", job_roots(workdir)))
 
     def _supervise(self, proc: subprocess.Popen) -> int:
         cancel_seen = None
@@ -154,6 +206,15 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _remove_tree(path: Path) -> None:
+    for _ in range(3):  # a dying process of the group may still create a file
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.2)
+    log.warning("could not remove the work directory %s; the next worker start will", path.name)
 
 
 # ---------------------------------------------------------------- the decorator
@@ -191,8 +252,11 @@ def run_job(fn: Callable[[Job, JobContext], dict], job_id: str, dispatch: int) -
         except OwnershipLost:
             log.warning("this attempt no longer owns the job; leaving it to its new owner")
             return None
+        except ChildKilled as e:
+            return _retry_killed(store, job, e.signum)
         except Exception as e:
-            state, kw = FAILED, {"error": f"{type(e).__name__}: {e}" if not isinstance(e, JobFailed) else str(e)}
+            msg = str(e) if isinstance(e, JobFailed) else f"{type(e).__name__}: {e}"
+            state, kw = FAILED, {"error": redact(msg, job_roots(work_dir(job.id, job.attempts)))}
         if not store.finish(job.id, job.attempts, state, **kw):
             log.warning("could not record %s: the job moved on", state)
             return None
@@ -202,6 +266,38 @@ def run_job(fn: Callable[[Job, JobContext], dict], job_id: str, dispatch: int) -
         job_id_var.reset(token)
 
 
+def _retry_killed(store: JobStore, job: Job, signum: int) -> str | None:
+    """Re-queue and re-publish a job whose child a signal killed; out of attempts, fail it.
+
+    Fenced by the attempt like the reaper's ``recover_lost``; a cancel requested meanwhile wins."""
+    reason = f"the job's process was killed by signal {signum} ({_signal_name(signum)})"
+    current = store.get(job.id)
+    mine = dataclasses.replace(job, cancel_requested=bool(current and current.cancel_requested))
+    new = store.recover_lost(mine, reason, error=_killed_error(store, job, signum), event={"signal": signum})
+    if new == QUEUED:
+        log.warning("%s; re-queued (attempt %d of %d used)", reason, job.attempts, job.max_attempts)
+        redispatch(store, app, job.id, job.kind)
+    elif new is None:
+        log.warning("could not record the killed attempt: the job moved on")
+    else:
+        log.info("job %s", new, extra={"kind": job.kind, "error": reason})
+    return new
+
+
+def _killed_error(store: JobStore, job: Job, signum: int) -> str:
+    """The failure reason once no attempt is left; says whether every attempt died the same way."""
+    signals = [e.get("signal") for e in store.retries(job.id)] + [signum]
+    what = f"the job's process was killed by signal {signum} ({_signal_name(signum)})"
+    if len(signals) == job.attempts and all(s == signum for s in signals):
+        what += " on its only attempt" if job.attempts == 1 else f" on each of its {job.attempts} attempts"
+    else:
+        what += f" on its last attempt; gave up after {job.attempts} attempt(s)"
+    if signum == signal.SIGKILL:
+        what += ("; SIGKILL usually means the machine ran out of memory: make the job use less, e.g. a "
+                 "smaller model or target layout, a lower-precision dtype, or LoRA for a finetune")
+    return what
+
+
 # ---------------------------------------------------------------- the child side
 class ChildContext:
     """Given to the heavy function in the child: progress reporting and cancellation checks."""
@@ -209,7 +305,7 @@ class ChildContext:
     def __init__(self, job: Job, store: JobStore, parent_pid: int):
         self.job, self.store, self.parent_pid = job, store, parent_pid
         self._last_progress, self._last_phase, self._last_check, self._cancel = 0.0, None, 0.0, False
-        self.workdir = settings.data_dir / "work" / job.id
+        self.workdir = work_dir(job.id, job.attempts)
         self.checkpoints = checkpoint_store()
 
     def progress(self, p) -> None:
@@ -270,7 +366,7 @@ def child_main(job_id: str, attempt: int, target: str, result_path: str, parent_
         return 0
     except Exception as e:
         cancelled = type(e).__name__ in ("Cancelled", "JobCancelled")
-        msg = "cancelled" if cancelled else f"{type(e).__name__}: {e}"
+        msg = "cancelled" if cancelled else redact(f"{type(e).__name__}: {e}", job_roots(ctx.workdir))
         if not cancelled:
             log.exception("job failed")
         out.write_text(json.dumps({"error": msg}))
@@ -281,9 +377,35 @@ def child_main(job_id: str, attempt: int, target: str, result_path: str, parent_
 ALIVE_FILE = Path(tempfile.gettempdir()) / "llama-svc-worker-alive"
 
 
+def sweep_workdirs(store: JobStore, root: Path | None = None) -> list[str]:
+    """Remove every work directory that is not its job's running attempt; returns their names.
+
+    What is left there was written by a killed worker or child (workers may share the data
+    directory: a running attempt's directory is never touched)."""
+    root = root or work_root()
+    removed = []
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        job_id, _, attempt = d.name.rpartition("-")
+        job = store.get(job_id) if job_id and attempt.isdigit() else None
+        if job is not None and job.state == RUNNING and job.attempts == int(attempt):
+            continue
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            d.unlink(missing_ok=True)
+        removed.append(d.name)
+    return removed
+
+
 @signals.worker_ready.connect
 def _on_ready(sender=None, **_):
     setup_json_logging(settings.log_level)
+    try:
+        removed = sweep_workdirs(job_store())
+        if removed:
+            log.info("removed %d stale work directories", len(removed))
+    except Exception as e:  # a full or odd data directory must not stop the worker
+        log.warning("could not sweep work directories: %s", e)
     try:
         queues = sorted(app.amqp.queues.consume_from)
     except Exception:

@@ -22,6 +22,8 @@ HF_TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt",
 )
+from shared.paths import UnsafePath, check_tree, contained
+
 TOKENIZER_SUBDIR = "tokenizer"
 
 
@@ -64,9 +66,13 @@ def resolve_tokenizer_dir(path: Path) -> Path:
     """Where a checkpoint (native, HF or Megatron-LM with a tokenizer/ dir) keeps its tokenizer."""
     path = Path(path)
     manifest = path / "manifest.json"
-    if manifest.exists():
-        sub = json.loads(manifest.read_text()).get("tokenizer", {}).get("dir", TOKENIZER_SUBDIR)
-        return path / sub
+    raw = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if isinstance(raw, dict) and raw.get("format") != "hf":  # a native manifest names its tokenizer dir
+        sub = (raw.get("tokenizer") or {}).get("dir", TOKENIZER_SUBDIR)
+        try:
+            return contained(path, sub, "tokenizer directory")
+        except UnsafePath as e:
+            raise TokenizerError(str(e)) from None
     if (path / TOKENIZER_SUBDIR).is_dir():
         return path / TOKENIZER_SUBDIR
     return path
@@ -81,6 +87,10 @@ def load_source_tokenizer(path: str | Path):
         raise TokenizerError(f"tokenizer {path} does not exist; pass --tokenizer-model FILE_OR_DIR")
     if path.is_file():
         return _spm_to_hf(path)
+    try:
+        check_tree(path, "tokenizer")  # transformers opens the files it finds by itself
+    except UnsafePath as e:
+        raise TokenizerError(str(e)) from None
     if (path / "tokenizer.json").exists():
         try:
             return AutoTokenizer.from_pretrained(str(path))

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", description="checkpoint name")]
+from shared.training.config import DECAY_STYLES, FINETUNE_METHODS, LORA_TARGETS, OVERLONG
+
+
+
+def _no_dotdot(name: str) -> str:
+    if ".." in name:
+        raise ValueError("a name cannot contain '..'")
+    return name
+
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", description="checkpoint name "
+                            "(no '..')"), AfterValidator(_no_dotdot)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="0 to 2^63-1")]
 Dtype = Literal["fp32", "fp16", "bf16"]
 
 
@@ -47,11 +59,75 @@ class ExportJob(_Strict):
     check_parity: bool = True
 
 
+Record = dict[str, Any]
+_UNSET = "default: the trainer's (see `python -m services.train --help`)"
+
+
+def _opt(ge=None, le=None, gt=None, lt=None, description: str = _UNSET):
+    return Field(None, ge=ge, le=le, gt=gt, lt=lt, description=description)
+
+
+class FinetuneConfig(_Strict):
+    """Training settings of a finetune job (Megatron's names). A job names no host path: its data
+    is inline (`data`) or a dataset uploaded with `POST /v1/datasets` (`dataset`); its metrics are
+    served by `GET /v1/jobs/{id}/metrics`. Unset fields take the trainer's defaults."""
+    train_iters: int = Field(ge=1, le=1_000_000)
+    data: list[Record] | None = Field(None, min_length=1, description="inline records: {text}, {prompt, completion} "
+                                                                      "or {messages}")
+    dataset: Name | None = Field(None, description="a dataset uploaded with POST /v1/datasets")
+    valid_data: list[Record] | None = Field(None, min_length=1)
+    valid_dataset: Name | None = None
+    micro_batch_size: int | None = _opt(1, 4096)
+    global_batch_size: int | None = _opt(1, 1 << 20)
+    seq_length: int | None = _opt(1, 1 << 20, description="at most the model's max_position_embeddings")
+    lr: float | None = _opt(0, 10)
+    min_lr: float | None = _opt(0, 10)
+    lr_warmup_iters: int | None = _opt(0, 1_000_000)
+    lr_decay_iters: int | None = _opt(1, 1_000_000)
+    lr_decay_style: Literal[DECAY_STYLES] | None = None  # type: ignore[valid-type]
+    weight_decay: float | None = _opt(0, 10)
+    clip_grad: float | None = _opt(0, 1e6)
+    adam_beta1: float | None = _opt(0, lt=1)
+    adam_beta2: float | None = _opt(0, lt=1)
+    adam_eps: float | None = _opt(gt=0, le=1)
+    seed: int | None = _opt(0, (1 << 63) - 1)
+    tensor_model_parallel_size: int | None = _opt(1, 64)
+    pipeline_model_parallel_size: int | None = _opt(1, 64)
+    world_size: int | None = _opt(1, 1024, description="processes (default TP x PP); at most what a worker offers")
+    bf16: bool | None = None
+    save_interval: int | None = _opt(1, 1_000_000)
+    eval_interval: int | None = _opt(1, 1_000_000)
+    eval_iters: int | None = _opt(1, 100_000)
+    valid_fraction: float | None = _opt(0, lt=1)
+    overlong: Literal[OVERLONG] | None = None  # type: ignore[valid-type]
+    recompute_activations: bool | None = None
+    finetune_method: Literal[FINETUNE_METHODS] | None = None  # type: ignore[valid-type]
+    lora_rank: int | None = _opt(1, 4096)
+    lora_alpha: float | None = _opt(gt=0, le=1e6)
+    lora_dropout: float | None = _opt(0, lt=1)
+    lora_targets: list[Literal[LORA_TARGETS]] | None = Field(None, min_length=1,  # type: ignore[valid-type]
+                                                              max_length=len(LORA_TARGETS))
+    export_hf: bool | None = None
+    make_vocab_size_divisible_by: int | None = _opt(1, 65536)
+
+    @model_validator(mode="after")
+    def _one_source_of_data(self):
+        if (self.data is None) == (self.dataset is None):
+            raise ValueError("give the training data either inline as `data` or as an uploaded `dataset`, not both")
+        if self.valid_data is not None and self.valid_dataset is not None:
+            raise ValueError("give validation data as `valid_data` or `valid_dataset`, not both")
+        return self
+
+    def trainer_options(self) -> dict[str, Any]:
+        """The TrainConfig fields that were set (data and datasets are the service's to place)."""
+        return self.model_dump(exclude_none=True, exclude={"data", "dataset", "valid_data", "valid_dataset"})
+
+
 class FinetuneJob(_Strict):
     kind: Literal["finetune"]
     source: Name
     output: Name | None = None
-    config: dict[str, Any] = Field(default_factory=dict, description="training settings (see the training docs)")
+    config: FinetuneConfig
 
 
 class EvalJob(_Strict):
@@ -74,7 +150,7 @@ class GenerateJob(_Strict):
     temperature: float = Field(1.0, gt=0, le=100)
     top_k: int = Field(0, ge=0, le=1000)
     top_p: float = Field(0.0, ge=0, le=1)
-    random_seed: int | None = Field(None, ge=0)
+    random_seed: Seed | None = None
 
 
 JobRequest = Annotated[Union[ConvertJob, ReshardJob, ExportJob, FinetuneJob, EvalJob, GenerateJob],
@@ -132,9 +208,26 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointOut]
 
 
+class DatasetOut(BaseModel):
+    name: str
+    committed_at: float
+    bytes: int
+    records: int
+    sha256: str
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class JobMetrics(BaseModel):
+    job_id: str
+    metrics: list[dict[str, Any]] = Field(description="one entry per training step and evaluation, as written")
+
+
 # ---- generation --------------------------------------------------------------------------
-class MegatronRequest(BaseModel):
-    """Megatron's `PUT /api` body, plus `model` naming a checkpoint."""
+class MegatronRequest(_Strict):
+    """Megatron's `PUT /api` body, plus `model` naming a checkpoint. Unknown fields are refused."""
     model: Name | None = None
     prompts: list[str] = Field(min_length=1, max_length=128)
     tokens_to_generate: int = Field(64, ge=0)
@@ -148,7 +241,7 @@ class MegatronRequest(BaseModel):
     stop_on_eol: bool = False
     stop_on_double_eol: bool = False
     prevent_newline_after_colon: bool = False
-    random_seed: int | None = Field(None, ge=0)
+    random_seed: Seed | None = None
     no_log: bool = False
     beam_width: int | None = Field(None, ge=1)
     stop_token: int | None = Field(None, ge=0)
@@ -178,7 +271,7 @@ class _OpenAIBase(BaseModel):
     n: Literal[1] = 1
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, unquote, urlparse
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_DEV_KEY = "local-dev-key"
+# documented default object-store credentials (MinIO's root user, its older docs, AWS's doc example)
+DEFAULT_S3_CREDENTIALS = {("minioadmin", "minioadmin"), ("minio", "minio123"),
+                          ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")}
 _ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,13 +32,18 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # file:///dir (default: <data_dir>/objects) or s3://KEY:SECRET@host:port/bucket?secure=false
     storage_url: str = ""
+    allow_insecure_s3: bool = False      # plain-HTTP S3 to a host that is not loopback (a private network)
     jobs_db: Path | None = None
     # sha256(api key) -> team. Generate with: python -c "import hashlib;print(hashlib.sha256(b'KEY').hexdigest())"
     api_keys: dict[str, str] = Field(default_factory=dict)
 
     # limits
     max_body_bytes: int = 1 << 20
-    max_upload_bytes: int = 64 << 30
+    max_upload_bytes: int = 16 << 30
+    max_concurrent_uploads_per_team: int = Field(2, ge=1)
+    max_concurrent_generations: int = Field(256, ge=1)   # per gateway process; over it: 429
+    max_dataset_bytes: int = 1 << 30     # one JSONL dataset (POST /v1/datasets)
+    max_train_world_size: int = Field(8, ge=1)   # the most ranks a train worker offers one finetune
     max_prompts: int = 128
     max_prompt_chars: int = 32_768
     max_new_tokens: int = 2048
@@ -49,6 +59,8 @@ class Settings(BaseSettings):
     cancel_grace_s: float = 10.0         # after a cancel request, the job's process group is killed after this
     generate_timeout_s: float = 300.0
     visibility_timeout_s: int = 3600
+    commit_gc_after_s: float = 6 * 3600.0   # objects of a commit that died midway are deleted after this
+    commit_gc_interval_s: float = 300.0    # how often the gateway's reaper looks for them
 
     # generation worker
     model_cache_bytes: int = 8 << 30
@@ -70,8 +82,12 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if not self.api_keys:
                 raise ValueError("LLAMA_SVC_API_KEYS must be set in production (no built-in development key)")
+            if hash_key(LOCAL_DEV_KEY) in self.api_keys:
+                raise ValueError(f"LLAMA_SVC_API_KEYS holds the documented local key {LOCAL_DEV_KEY!r}, which is "
+                                 "public; remove it and issue random keys (e.g. `openssl rand -hex 32`)")
             if not self.storage_url.startswith("s3://"):
                 raise ValueError("production needs LLAMA_SVC_STORAGE_URL=s3://... (the local directory store is for local use)")
+            _refuse_unsafe_s3(self.storage_url, self.allow_insecure_s3)
         return self
 
     @property
@@ -87,6 +103,31 @@ class Settings(BaseSettings):
     @property
     def jobs_db_path(self) -> Path:
         return self.jobs_db or self.data_dir / "jobs.sqlite3"
+
+
+def _refuse_unsafe_s3(url: str, allow_insecure: bool) -> None:
+    """Production S3: no documented default credentials; TLS unless the host is loopback or
+    LLAMA_SVC_ALLOW_INSECURE_S3 says the network is private."""
+    u = urlparse(url)
+    access, secret = unquote(u.username or ""), unquote(u.password or "")
+    if (access, secret) in DEFAULT_S3_CREDENTIALS or secret in {s for _, s in DEFAULT_S3_CREDENTIALS}:
+        raise ValueError("LLAMA_SVC_STORAGE_URL uses a documented default object-store credential "
+                         f"({access!r}); set MINIO_ROOT_USER and MINIO_ROOT_PASSWORD (or the S3 keys) to "
+                         "random values and put them in the URL")
+    secure = {k: v[-1] for k, v in parse_qs(u.query).items()}.get("secure", "false").lower() in ("1", "true", "yes")
+    if not secure and not allow_insecure and not _loopback(u.hostname or ""):
+        raise ValueError(f"LLAMA_SVC_STORAGE_URL sends checkpoints and keys over plain HTTP to {u.hostname!r}; "
+                         "use TLS (`?secure=true`), or set LLAMA_SVC_ALLOW_INSECURE_S3=true if that host is only "
+                         "reachable on a private network")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -11,13 +12,15 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from shared.jobs import JobStore
-from shared.jobs.reaper import reap_once
+from shared.jobs.reaper import CommitCollector, reap_once
 from shared.jobs.transport import make_celery
-from shared.storage import CheckpointStore, open_store
+from shared.storage import CheckpointStore, dataset_store, open_store
 
 from .config import Settings
 
 log = logging.getLogger("llama_svc.gateway")
+POOL_SPARE = 16          # async Redis connections beyond one per generation in flight (uploads, publishes)
+POOL_WAIT_S = 5.0        # how long a request waits for a free async Redis connection
 
 
 @dataclass
@@ -28,18 +31,33 @@ class Services:
     celery: Celery
     redis: redis.Redis
     aredis: aioredis.Redis
+    generations: asyncio.Semaphore   # generation requests in flight in this process (see gateway.relay)
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def datasets(self) -> CheckpointStore:
+        """The team datasets, in the same object store as the checkpoints."""
+        return dataset_store(self.checkpoints.store)
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # every generation in flight holds one connection during BLPOP: the pool has room for all
+        # of them, and a request waits for a connection rather than failing
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.max_concurrent_generations + POOL_SPARE,
+            timeout=POOL_WAIT_S, socket_connect_timeout=2, socket_timeout=None)
         return cls(settings=settings, jobs=JobStore(settings.jobs_db_path),
                    checkpoints=CheckpointStore(open_store(settings.storage)),
                    celery=make_celery(settings.redis_url, visibility_timeout=settings.visibility_timeout_s),
                    redis=redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2),
-                   aredis=aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=None))
+                   aredis=aioredis.Redis(connection_pool=pool),
+                   generations=asyncio.Semaphore(settings.max_concurrent_generations))
 
     def start_reaper(self) -> threading.Thread:
+        gc = CommitCollector((self.checkpoints, self.datasets), older_than_s=self.settings.commit_gc_after_s,
+                             interval_s=self.settings.commit_gc_interval_s)
+
         def loop():
             while not self._stop.wait(self.settings.reaper_interval_s):
                 try:
@@ -47,6 +65,10 @@ class Services:
                               redispatch_after_s=self.settings.redispatch_after_s)
                 except Exception as e:  # Redis down: try again next round
                     log.warning("reaper round failed: %s", e)
+                try:
+                    gc.maybe_run()
+                except Exception as e:  # the object store is down: try again next interval
+                    log.warning("commit garbage collection failed: %s", e)
 
         t = threading.Thread(target=loop, daemon=True, name="reaper")
         t.start()

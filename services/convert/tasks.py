@@ -60,6 +60,7 @@ def run_conversion(kind: str, params: dict, *, team: str, job_id: str, checkpoin
     shutil.rmtree(save_dir, ignore_errors=True)
     opts = ConvertOptions(load_dir=src, save_dir=save_dir, loader=loader, saver=saver, overwrite=True,
                           validate=bool(params.get("check_parity", True)), command=f"job {job_id} ({kind})",
+                          source_label=params["source"],
                           **({"checkpoint_type": ckpt_type} if ckpt_type else {}),
                           **{k: params[k] for k in OPTION_KEYS if params.get(k) is not None})
     convert(opts, progress=progress, should_cancel=should_cancel)
@@ -71,7 +72,7 @@ def run_conversion(kind: str, params: dict, *, team: str, job_id: str, checkpoin
         meta.setdefault("format", "hf")
     try:
         manifest = checkpoints.commit(
-            team, out_name, save_dir, meta=meta, should_cancel=should_cancel,
+            team, out_name, save_dir, meta=meta, source_manifest=True, should_cancel=should_cancel,
             progress=lambda done, total: progress({"phase": "upload", "current": done, "total": total, "unit": "bytes"}))
     except CommitCancelled as e:
         raise Cancelled(str(e)) from None

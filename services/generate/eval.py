@@ -141,10 +141,10 @@ def run_job(params: dict[str, Any], source_dir: Path, reference_dir: Path, out_d
     reference. Returns ``{"passed", "reports"}`` (the JSON reports, one per dtype)."""
     import json
 
-    from shared.checkpoint.native import MANIFEST, load_manifest
+    from shared.checkpoint.native import declared_format, load_manifest
 
     tp = pp = 1
-    if (Path(source_dir) / MANIFEST).exists():
+    if declared_format(source_dir) == "native":
         layout = load_manifest(source_dir).layout
         tp, pp = layout.tp, layout.pp
     dtypes = list(params.get("dtype") or ["fp32"])
@@ -159,6 +159,8 @@ def run_job(params: dict[str, Any], source_dir: Path, reference_dir: Path, out_d
         progress({"phase": "eval", "current": 0, "total": len(dtypes), "unit": "reports"})
     run(build_parser().parse_args(argv))
     reports = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("eval_*.json"))]
+    for r in reports:  # checkpoint names, not the worker's paths
+        r.update(checkpoint=params.get("source", ""), reference=params.get("reference", ""))
     if progress is not None:
         progress({"phase": "eval", "current": len(reports), "total": len(dtypes), "unit": "reports"})
     return {"passed": all(r["passed"] for r in reports), "reports": reports}

@@ -25,8 +25,10 @@ def hf_reference(model_path: str | Path, prompts: Sequence[str], tokens_to_gener
                  dtype: torch.dtype = torch.float32, eos_ids: Sequence[int] | None = None) -> list[Continuation]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from shared.checkpoint.hf import check_hf_dir
     from shared.inference.source import ModelSource
 
+    check_hf_dir(Path(model_path))  # transformers opens the shards named in the index by itself
     tok = AutoTokenizer.from_pretrained(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
     if eos_ids is None:

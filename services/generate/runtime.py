@@ -25,6 +25,7 @@ __all__ = ["GenerationRuntime", "Overloaded", "RequestError"]
 
 MAX_PROMPTS = 128
 MAX_N = 16
+MAX_SEED = 2**63 - 1   # per-sequence seeds (seed + i) stay within a generator's 64-bit range
 
 
 class RequestError(Exception):
@@ -234,6 +235,8 @@ class GenerationRuntime:
                 raise _bad("random_seed must be integer")
             if seed < 0:
                 raise _bad("random_seed must be a positive integer")
+            if seed > MAX_SEED:
+                raise _bad(f"random_seed must be at most {MAX_SEED} (2^63-1)")
         if "beam_width" in body:
             bw = body["beam_width"]
             if not _is_int(bw):
@@ -326,8 +329,8 @@ class GenerationRuntime:
                                                      for t in stop_ids):
             raise _bad(f"stop_token_ids must be a list of token ids in [0, {self.engine.cfg.vocab_size})")
         seed = body.get("seed")
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise _bad("seed must be a non-negative integer")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+            raise _bad(f"seed must be an integer between 0 and {MAX_SEED} (2^63-1)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = body.get(name)
             if v is not None and (not _is_num(v) or v != 0):

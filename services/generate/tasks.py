@@ -30,7 +30,6 @@ import concurrent.futures as cf
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -163,7 +162,7 @@ class ModelCache:
         try:
             base = self.cache_dir / team / name
             src = self.checkpoints.fetch(team, name, base / "files")
-            e.runtime = self.opener(_servable_dir(src, manifest, base / "hf"), name)
+            e.runtime = self.opener(src, name)  # the fetched manifest says native or hf
             with self._lock:
                 self.loads += 1
             log.info("loaded model %s/%s (%d bytes)", team, name, e.size)
@@ -194,22 +193,6 @@ class ModelCache:
         for e in entries:
             e.evicted = True
             self._close(e)
-
-
-def _servable_dir(src: Path, manifest: dict, view: Path) -> Path:
-    """The directory to open: a native checkpoint as fetched; an HF upload through a view
-    without the store's ``manifest.json`` (which would mark it as native)."""
-    if manifest.get("format") != "hf":
-        return src
-    tmp = view.with_name(f".{view.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for p in src.iterdir():
-        if p.name != "manifest.json":
-            (tmp / p.name).symlink_to(p.resolve())
-    shutil.rmtree(view, ignore_errors=True)
-    os.replace(tmp, view)
-    return view
 
 
 def _torch_threads() -> int:

@@ -63,6 +63,7 @@ class ConvertOptions:
     overwrite: bool = False
     transformer_impl: str = "local"
     command: str | None = None           # recorded in the provenance (the CLI passes its argv)
+    source_label: str | None = None      # recorded instead of host paths (a service names its checkpoint)
 
 
 class Cancelled(Exception):
@@ -275,12 +276,7 @@ def _convert(opts: ConvertOptions, src: _Source, hasher: _Hasher, progress: Call
             report(Progress("validate", 0, 1, "checks"))
             parity_report = _validate(out, opts, cfg, layout, src, dtype, tok.load_source_tokenizer(src.tokenizer_src))
             report(Progress("validate", 1, 1, "checks"))
-        provenance = {
-            "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
-            "source": {"format": src.kind, "dir": str(Path(opts.load_dir).resolve()), "dtype": dtype_name(src.dtype),
-                       "files_sha256": hasher.wait()},
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
-        }
+        provenance = _provenance(opts, src, hasher.wait())
         if opts.saver != "hf" and opts.ckpt_format == "native":
             result = native.write_manifest(
                 out, cfg, layout, dtype, file_hashes=result, source_config=src.raw_config,
@@ -292,6 +288,19 @@ def _convert(opts: ConvertOptions, src: _Source, hasher: _Hasher, progress: Call
             (out / "conversion.json").write_text(json.dumps(result, indent=2, default=str))
         result["save_dir"] = str(Path(opts.save_dir).absolute())
     return result
+
+
+def _provenance(opts: ConvertOptions, src: _Source, files_sha256: dict) -> dict[str, Any]:
+    """What was converted, how; with ``source_label`` set, no host path is recorded."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
+    where = {"dir": str(Path(opts.load_dir).resolve())}
+    if opts.source_label is not None:
+        options = {k: v for k, v in options.items() if k not in ("load_dir", "save_dir", "tokenizer_model")}
+        where = {"checkpoint": opts.source_label}
+        files_sha256 = {Path(k).name if isinstance(k, str) else k: v for k, v in files_sha256.items()}
+    return {"command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
+            "source": {"format": src.kind, **where, "dtype": dtype_name(src.dtype), "files_sha256": files_sha256},
+            "options": options}
 
 
 def _save_native_tensors(out: Path, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype,

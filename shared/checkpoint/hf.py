@@ -17,6 +17,7 @@ from shared.checkpoint import layout as L
 from shared.checkpoint.safe_io import (
     CheckpointError, StreamingSafetensorsWriter, TensorSource, dtype_name, open_hf_weights,
 )
+from shared.paths import UnsafePath, check_tree, contained
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -29,9 +30,24 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
             f"{directory} has no config.json, so it is not an HF checkpoint. For Meta's format "
             "(params.json, consolidated.*.pth) pass --checkpoint-type meta")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+        raw = json.loads(contained(directory, "config.json").read_text())
+    except UnsafePath as e:
+        raise CheckpointError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"config.json is not valid JSON ({type(e).__name__}); re-export the model config") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config.json holds a JSON {type(raw).__name__}, not an object of model settings")
+    return raw
+
+
+def check_hf_dir(directory: Path) -> None:
+    """Before transformers opens an HF directory by itself: no link leads out of it and every
+    shard an index names lies inside it (transformers would follow an absolute index entry)."""
+    try:
+        check_tree(directory)
+    except UnsafePath as e:
+        raise CheckpointError(str(e)) from None
+    open_hf_weights(Path(directory)).close()
 
 
 def source_dtype(raw: Mapping[str, Any], source: TensorSource) -> torch.dtype:

@@ -23,6 +23,7 @@ from shared.checkpoint import layout as L
 from shared.checkpoint.layout import Layout
 from shared.checkpoint.native import ShardedSource
 from shared.checkpoint.safe_io import CheckpointError, TensorSource, dtype_name
+from shared.paths import UnsafePath, contained
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -171,6 +172,7 @@ def load_rank(directory: str | Path, tp_rank: int, pp_rank: int, pp: int | None 
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise CheckpointError(f"{it_dir}: no model_optim_rng.pt for tp rank {tp_rank}, pp rank {pp_rank}")
+    path = _inside(Path(directory), path)
     import pickle
 
     try:
@@ -241,5 +243,12 @@ def open_megatron_lm(directory: Path, true_vocab_size: int | None = None
 
 
 def files(directory: Path) -> list[Path]:
-    return sorted(p for p in Path(directory).rglob("model_optim_rng.pt"))
+    return sorted(_inside(Path(directory), p) for p in Path(directory).rglob("model_optim_rng.pt"))
+
+
+def _inside(directory: Path, path: Path) -> Path:
+    try:
+        return contained(directory, path.relative_to(directory).as_posix(), "rank file")
+    except UnsafePath as e:
+        raise CheckpointError(str(e)) from None
 

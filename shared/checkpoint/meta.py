@@ -18,6 +18,7 @@ import torch
 from shared.config import ModelConfig, RopeScaling
 from shared.checkpoint import layout as L
 from shared.checkpoint.safe_io import CheckpointError, TensorSource, safe_torch_load
+from shared.paths import UnsafePath, contained
 
 # HF name pattern -> (Meta name pattern, dim the shards join on; None = replicated)
 _NAMES = [
@@ -65,10 +66,13 @@ def ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> in
 
 
 def shard_files(directory: Path) -> list[Path]:
-    files = sorted(Path(directory).glob("consolidated.*.pth"))
+    try:
+        files = [contained(directory, p.name, "Meta shard") for p in sorted(Path(directory).glob("consolidated.*.pth"))]
+    except UnsafePath as e:
+        raise CheckpointError(str(e)) from None
     if not files:
         raise CheckpointError(f"{directory}: no consolidated.NN.pth files; is this a Meta checkpoint?")
-    numbers = [int(p.name.split(".")[1]) for p in files]
+    numbers = [int(p.name.split(".")[1]) if p.name.split(".")[1].isdigit() else -1 for p in files]
     if numbers != list(range(len(files))):
         raise CheckpointError(f"{directory}: consolidated shards {numbers} are not numbered 00..{len(files) - 1:02d}; "
                               "a shard is missing")
@@ -77,13 +81,18 @@ def shard_files(directory: Path) -> list[Path]:
 
 def read_params(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "params.json"
+    if path.exists():
+        try:
+            path = contained(directory, "params.json", "Meta params")
+        except UnsafePath as e:
+            raise CheckpointError(str(e)) from None
     if not path.exists():
         raise CheckpointError(f"{directory} has no params.json, so it is not a Meta checkpoint "
                               "(for an HF checkpoint pass --checkpoint-type hf)")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__})") from None
 
 
 def config_from_params(params: Mapping[str, Any], vocab_size: int, bos: int | None = 1,

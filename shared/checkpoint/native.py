@@ -122,6 +122,20 @@ class Manifest:
         return {tuple(int(x) for x in k.split(",")): v for k, v in self.raw["layout"]["rank_files"].items()}
 
 
+def declared_format(directory: str | Path) -> str | None:
+    """What a directory says it is: ``"native"`` (its manifest is this format's), ``"hf"`` (an
+    HF checkpoint as the object store fetched it: a store manifest saying ``format: hf``) or
+    ``None`` (no manifest)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "native"  # load_manifest explains
+    return "hf" if isinstance(raw, dict) and raw.get("format") == "hf" else "native"
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     d = Path(directory)
     path = d / MANIFEST

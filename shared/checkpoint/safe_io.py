@@ -28,6 +28,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from shared.config import ModelConfig
+from shared.checkpoint.index import BadIndex, read_index
+from shared.paths import UnsafePath, contained
 from shared.files import MappedFile, copy_range, sha256_file, start_writeback  # noqa: F401 - re-exported
 from shared.checkpoint import layout as L
 
@@ -236,40 +238,43 @@ class TorchFilesSource(TensorSource):
         return list(self._paths)
 
 
-def _load_index(path: Path) -> dict[str, str]:
+def _load_index(path: Path) -> dict[str, Path]:
     try:
-        index = json.loads(path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid index file (needs a 'weight_map' object): {e}") from e
-    missing = sorted({f for f in index.values() if not (path.parent / f).exists()})
-    if missing:
-        raise CheckpointError(
-            f"{path.name} names shard file(s) {', '.join(missing)} which are absent from {path.parent}; "
-            "the download is incomplete - fetch the missing shards")
-    return index
+        return read_index(path)
+    except BadIndex as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _weight_files(d: Path, pattern: str) -> list[Path]:
+    """The files matching ``pattern`` directly in ``d``, each contained in it (no links out)."""
+    try:
+        return [contained(d, p.name, "weight file") for p in sorted(d.glob(pattern))]
+    except UnsafePath as e:
+        raise CheckpointError(str(e)) from None
 
 
 def open_hf_weights(directory: Path, zero_copy: bool = False) -> TensorSource:
     """The weights of an HF checkpoint directory (safetensors preferred, sharded or not).
 
+    Shard names from an index are resolved inside ``directory`` (``shared.paths.contained``).
     ``zero_copy``: safetensors tensors are read-only views of the files (see ``SafetensorsSource``)."""
     d = Path(directory)
     if (d / "model.safetensors.index.json").exists():
-        index = _load_index(d / "model.safetensors.index.json")
-        return SafetensorsSource([d / f for f in sorted(set(index.values()))], index, zero_copy)
-    if (d / "model.safetensors").exists():
-        return SafetensorsSource([d / "model.safetensors"], zero_copy=zero_copy)
-    singles = sorted(d.glob("*.safetensors"))
+        where = _load_index(d / "model.safetensors.index.json")
+        index = {n: p.name for n, p in where.items()}
+        return SafetensorsSource(sorted(set(where.values())), index, zero_copy)
+    singles = _weight_files(d, "model.safetensors") or _weight_files(d, "*.safetensors")
     if singles:
         return SafetensorsSource(singles, zero_copy=zero_copy)
     if (d / "pytorch_model.bin.index.json").exists():
-        index = _load_index(d / "pytorch_model.bin.index.json")
-        return TorchFilesSource([d / f for f in sorted(set(index.values()))])
-    bins = sorted(d.glob("pytorch_model*.bin"))
+        where = _load_index(d / "pytorch_model.bin.index.json")
+        return TorchFilesSource(sorted(set(where.values())))
+    bins = _weight_files(d, "pytorch_model*.bin")
     if bins:
         return TorchFilesSource(bins)
     raise CheckpointError(
-        f"{d}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
+        "no weights found in the checkpoint (expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model*.bin)")
 
 
 def check_hf_shapes(source: TensorSource, cfg: ModelConfig) -> None:

@@ -57,9 +57,9 @@ def open_source(path: str | Path) -> ModelSource:
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} is not a directory; pass a native checkpoint or an HF model directory")
-    if (d / "manifest.json").exists():
-        from shared.checkpoint.native import load_manifest
+    from shared.checkpoint.native import declared_format, load_manifest
 
+    if declared_format(d) == "native":
         m = load_manifest(d)
         return ModelSource("native", str(d.resolve()), m.config.to_dict(), m.layout.divisible_by)
     if (d / "config.json").exists():

@@ -18,7 +18,7 @@ class HFModel:
                  threads: int | None = None):
         from transformers import AutoModelForCausalLM
 
-        from shared.checkpoint.hf import read_hf_config
+        from shared.checkpoint.hf import check_hf_dir, read_hf_config
         from shared.config import ModelConfig
         from shared.tokenizer import load_source_tokenizer
 
@@ -30,6 +30,7 @@ class HFModel:
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
         self.tokenizer = load_source_tokenizer(d)
+        check_hf_dir(d)  # transformers opens the shards named in the index by itself
         self.model = AutoModelForCausalLM.from_pretrained(str(d), dtype=self.dtype).to(self.device).eval()
 
     @torch.no_grad()

@@ -30,9 +30,12 @@ class ModelSource:
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelSource":
+        from shared.checkpoint.native import declared_format
+
         p = Path(path)
-        if (p / "manifest.json").exists():
-            return cls(str(p), "native")
+        declared = declared_format(p)
+        if declared is not None:
+            return cls(str(p), declared)
         if (p / "config.json").exists():
             return cls(str(p), "hf")
         if not p.exists():
@@ -130,21 +133,8 @@ class ModelSource:
         return out
 
     def _random_state(self, layout: Layout, tp_rank: int, pp_rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Random weights of the right shapes, made on the GPU when there is one (fast for 8B)."""
-        from shared.checkpoint.layout import param_specs
-        from shared.checkpoint.native import shard_shape
+        """Random weights of the right shapes, made on this rank's GPU when there is one (fast for 8B)."""
+        from shared.model import random_state
 
-        cfg = self.config()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        g = torch.Generator(device=device).manual_seed(self.seed * 1000 + tp_rank * 10 + pp_rank)
-        out = {}
-        for spec in param_specs(cfg, layout):
-            if spec.pp_rank(cfg, layout) != pp_rank:
-                continue
-            shape = shard_shape(spec, cfg, layout)
-            if "layernorm" in spec.name:
-                t = torch.ones(shape, dtype=dtype, device=device)
-            else:
-                t = (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
-            out[spec.local_name(cfg, layout)] = t
-        return out
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        return random_state(self.config(), layout, tp_rank, pp_rank, dtype, device, self.seed)

@@ -1,4 +1,4 @@
-"""Structured JSON logs; the current job id rides along in a context variable."""
+"""Structured JSON logs; the current job id and request id ride along in context variables."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -19,6 +20,9 @@ class JsonFormatter(logging.Formatter):
         jid = getattr(record, "job_id", None) or job_id_var.get()
         if jid:
             out["job_id"] = jid
+        rid = getattr(record, "request_id", None) or request_id_var.get()
+        if rid:
+            out["request_id"] = rid
         for k, v in record.__dict__.items():
             if k not in _STD and k not in out:
                 out[k] = v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)

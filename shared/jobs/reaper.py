@@ -1,8 +1,10 @@
-"""Recovery of jobs whose worker died or whose message Redis lost (see transport.py)."""
+"""Recovery of jobs whose worker died or whose message Redis lost (see transport.py), and the
+garbage collection of checkpoint commits that died midway."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from .state import QUEUE_OF, QUEUED
 from .store import JobStore
@@ -47,3 +49,24 @@ def reap_once(store: JobStore, app, redis_client, *, stale_after_s: float, redis
             if dispatch(store, app, job.id, job.kind):
                 stats["redispatched"] += 1
     return stats
+
+
+class CommitCollector:
+    """Runs ``collect_garbage`` of each checkpoint-like store (checkpoints, datasets) at most every
+    ``interval_s``; called each reaper round."""
+
+    def __init__(self, stores, *, older_than_s: float, interval_s: float):
+        self.stores, self.older_than_s, self.interval_s = list(stores), older_than_s, interval_s
+        self._next = 0.0
+
+    def maybe_run(self, now: float | None = None) -> list[str] | None:
+        now = time.time() if now is None else now
+        if now < self._next:
+            return None
+        self._next = now + self.interval_s
+        removed = []
+        for store in self.stores:
+            for name in store.collect_garbage(self.older_than_s):
+                log.warning("removed the objects of an interrupted commit", extra={"commit": f"{store.prefix}/{name}"})
+                removed.append(f"{store.prefix}/{name}")
+        return removed

@@ -112,8 +112,11 @@ class JobStore:
 
     # ---- creation and reads ----
     def create(self, team: str, kind: str, params: dict, *, max_attempts: int = 2,
-               idempotency_key: str | None = None, request_hash: str | None = None) -> tuple[Job, bool]:
-        """Insert a queued job; with an idempotency key already used, return that job instead."""
+               idempotency_key: str | None = None, request_hash: str | None = None,
+               request_id: str | None = None) -> tuple[Job, bool]:
+        """Insert a queued job; with an idempotency key already used, return that job instead.
+
+        ``request_id`` (the HTTP request that submitted it) is recorded in the job's first event."""
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
         c = self._conn()
@@ -136,7 +139,8 @@ class JobStore:
                       (job.id, team, kind, QUEUED, json.dumps(params), job.created_at, max_attempts,
                        idempotency_key, request_hash, seq))
             c.execute("INSERT INTO events (job_id, ts, type, data) VALUES (?,?,?,?)",
-                      (job.id, job.created_at, "state", json.dumps({"state": QUEUED})))
+                      (job.id, job.created_at, "state",
+                       json.dumps({"state": QUEUED, **({"request_id": request_id} if request_id else {})})))
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:
@@ -282,10 +286,13 @@ class JobStore:
             (QUEUED, time.time() - older_than)).fetchall()
         return [_row_to_job(r) for r in rows]
 
-    def recover_lost(self, job: Job, reason: str) -> str | None:
-        """A running attempt whose worker is gone: re-queue it if attempts remain, else fail it.
+    def recover_lost(self, job: Job, reason: str, *, error: str | None = None,
+                     event: dict | None = None) -> str | None:
+        """A running attempt that ended without an outcome (worker gone, job process killed):
+        re-queue it if attempts remain, else fail it (with ``error``, or the reason and the count).
 
-        Returns the new state, or None if the job moved on meanwhile.
+        ``event`` is recorded with the re-queue (see ``retries``). Returns the new state, or None
+        if the job moved on meanwhile (the attempt number fences this like any other write).
         """
         if job.cancel_requested:
             ok = self._transition(job.id, CANCELLED, "state=? AND attempts=?", (RUNNING, job.attempts),
@@ -293,12 +300,20 @@ class JobStore:
             return CANCELLED if ok else None
         if job.attempts < job.max_attempts:
             ok = self._transition(job.id, QUEUED, "state=? AND attempts=?", (RUNNING, job.attempts),
-                                  ", dispatched_at=NULL, worker=NULL, pid=NULL, progress=NULL", (), {"reason": reason})
+                                  ", dispatched_at=NULL, worker=NULL, pid=NULL, progress=NULL", (),
+                                  {"reason": reason, **(event or {})})
             return QUEUED if ok else None
-        error = f"{reason}; gave up after {job.attempts} attempt(s)"
+        error = error or f"{reason}; gave up after {job.attempts} attempt(s)"
         ok = self._transition(job.id, FAILED, "state=? AND attempts=?", (RUNNING, job.attempts),
                               ", finished_at=?, error=?", (time.time(), error), {"error": error})
         return FAILED if ok else None
+
+
+    def retries(self, job_id: str) -> list[dict]:
+        """The re-queue events of a job, oldest first: one per attempt that ended without an outcome."""
+        rows = self._conn().execute("SELECT data FROM events WHERE job_id=? AND type='state' ORDER BY seq",
+                                    (job_id,)).fetchall()
+        return [d for d in (json.loads(r[0]) for r in rows) if d.get("state") == QUEUED and "reason" in d]
 
 
 def _allowed(state: str) -> set[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.model.ops import write_slots
+
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, max_seq: int, kv_heads: int, head_dim: int,
@@ -21,18 +23,14 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
               rows: torch.Tensor | None = None) -> None:
         """k, v (B, S, n_kv, d) into slots ``positions`` (B, S) of cache rows ``rows`` (B,)."""
-        if rows is None:
-            rows = torch.arange(k.shape[0], device=k.device)
-        b_idx = rows.unsqueeze(1).expand_as(positions)
-        self.k[layer][b_idx, :, positions] = k
-        self.v[layer][b_idx, :, positions] = v
+        write_slots(self.k[layer], self.v[layer], k, v, positions, rows)
 
     def read(self, layer: int, kv_len: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n_kv, kv_len, d) views of the first ``kv_len`` slots."""
-        k, v = self.k[layer], self.v[layer]
-        if rows is not None:
+        k, v = self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        if rows is not None:  # gathers only the slots read, not whole rows
             k, v = k[rows], v[rows]
-        return k[:, :, :kv_len], v[:, :, :kv_len]
+        return k, v
 
     def reset(self) -> None:
         self.k.zero_()

@@ -37,12 +37,8 @@ def cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dty
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, n, d); cos/sin (B, S, d)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + _rotate_half(x) * sin
+    """x (B, S, n, d); cos/sin (B, S, d) (``shared.model.ops.rope``)."""
+    from shared.model.ops import rope
+
+    return rope(x, cos, sin)

@@ -7,6 +7,7 @@ from pathlib import Path
 from .base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
 from .checkpoints import (MANIFEST, CheckpointExists, CommitCancelled, CheckpointNotFound, CheckpointStore, IntegrityError,
                           check_name, sha256_file)
+from .datasets import DATASET_FILE, METRICS_ARTIFACT, artifact_key, dataset_store
 from .local import LocalStore
 
 
@@ -25,4 +26,4 @@ def open_store(url: str) -> ObjectStore:
 
 __all__ = ["ObjectStore", "ObjectInfo", "ObjectNotFound", "StorageError", "LocalStore", "open_store",
            "CheckpointStore", "CheckpointNotFound", "CheckpointExists", "CommitCancelled", "IntegrityError", "MANIFEST",
-           "check_name", "sha256_file"]
+           "check_name", "sha256_file", "DATASET_FILE", "METRICS_ARTIFACT", "artifact_key", "dataset_store"]

@@ -1,42 +1,55 @@
-"""Finetuning over TP x PP x DP: ``train(TrainConfig(...), progress, should_cancel) -> summary``."""
+"""Finetuning over TP x PP x DP: ``train(TrainConfig(...), progress, should_cancel) -> summary``.
+
+``config`` and ``records`` import no torch (the gateway validates job configs and datasets
+with them); the trainer itself is imported on first use.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from shared.training.config import ConfigError, TrainConfig
-from shared.training.data import DataError
-from shared.training.loop import Cancelled, TrainingError, train
+from shared.training.records import DataError
 
-__all__ = ["Cancelled", "ConfigError", "DataError", "TrainConfig", "TrainingError", "run_finetune", "train"]
+__all__ = ["Cancelled", "ConfigError", "DataError", "TrainConfig", "TrainingError", "run_finetune", "train",
+           "METRICS_FILE"]
 
-SERVICE_KEYS = ("source", "output")  # job fields the queue uses, not training options
+METRICS_FILE = "metrics.jsonl"  # in the run directory, written by every service finetune
 
 
-def run_finetune(params: dict[str, Any], source_dir: str | Path, save_dir: str | Path,
+def __getattr__(name: str):
+    if name in ("Cancelled", "TrainingError", "train"):
+        from shared.training import loop
+
+        return getattr(loop, name)
+    raise AttributeError(name)
+
+
+def run_finetune(options: dict[str, Any], source_dir: str | Path, save_dir: str | Path, *,
+                 data: Sequence[Path], valid: Sequence[Path] = (),
                  progress: Callable[[dict], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """A finetune job: ``params`` are TrainConfig fields (``load``/``save`` come from the job);
-    ``params["data"]`` may carry the records inline instead of ``data_path``.
+    """A finetune job: ``options`` are TrainConfig fields other than paths (a job names no host
+    path); ``data``/``valid`` are the JSONL files the service placed in the job's directory.
 
     The finished native checkpoint ends up in ``save_dir`` (what the job commits); the run
-    directory (training checkpoints, ``hf/``, ``lora/``) is ``<save_dir>-run`` beside it.
+    directory (training checkpoints, ``hf/``, ``lora/``, ``metrics.jsonl``) is ``<save_dir>-run``.
     """
+    from shared.training.loop import train
+
+    paths = {"load", "save", "data_path", "valid_data_path", "metrics_file"} & set(options)
+    if paths:
+        raise ConfigError(f"{sorted(paths)} name host paths, which a job cannot set; the service places the "
+                          "checkpoint, the data (`data`/`dataset`) and the metrics itself")
     save_dir = Path(save_dir)
     run_dir = save_dir.with_name(save_dir.name + "-run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in params.items() if k not in SERVICE_KEYS and k != "data"}
-    if "data" in params:
-        path = run_dir / "data.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for rec in params["data"]:
-                f.write(json.dumps(rec) + "\n")
-        options["data_path"] = [str(path)]
-    config = TrainConfig.from_dict({**options, "load": str(source_dir), "save": str(run_dir)})
+    config = TrainConfig.from_dict({**options, "load": str(source_dir), "save": str(run_dir),
+                                    "data_path": [str(p) for p in data], "valid_data_path": [str(p) for p in valid],
+                                    "metrics_file": str(run_dir / METRICS_FILE)})
     result = train(config, progress, should_cancel)
     if result.get("status") == "completed":
         if save_dir.exists():

@@ -53,9 +53,13 @@ class Source:
 
 
 def resolve_load(path: str | Path) -> Source:
+    from shared.checkpoint.native import declared_format
+
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"--load {d} does not exist or is not a directory")
+    if declared_format(d) == "hf":  # an HF checkpoint as the object store fetched it
+        return Source("hf", d)
     if (d / LATEST).exists():
         text = (d / LATEST).read_text().strip()
         if not text.isdigit():

@@ -22,12 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """Unusable training data; the message names the file and line."""
-
+from shared.training.records import ROLES, DataError, check_record, read_jsonl  # noqa: F401 - re-exported
 
 @dataclass
 class Sample:
@@ -77,36 +72,6 @@ def batch_indices(n: int, seed: int, iteration: int, global_batch: int) -> torch
 
 # ---- reading ------------------------------------------------------------------------------
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) of every non-blank line; a bad line raises DataError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--data-path {path} does not exist (or is not a file)")
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{no}: expected a JSON object, got {type(rec).__name__}")
-                yield no, rec
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _need_str(rec: dict, key: str, where: str) -> str:
-    v = rec[key]
-    if not isinstance(v, str):
-        raise DataError(f"{where}: \"{key}\" must be a string, got {type(v).__name__}")
-    if not v:
-        raise DataError(f"{where}: \"{key}\" is empty")
-    return v
-
-
 def _encode(tok, text: str, special: bool) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
@@ -115,19 +80,8 @@ def _eos(tok) -> list[int]:
     return [tok.eos_token_id] if tok.eos_token_id is not None else []
 
 
-def _chat(tok, messages: Any, where: str) -> Sample:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be an object with string \"role\" and \"content\"")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; expected one of {ROLES}")
+def _chat(tok, messages: list[dict], where: str) -> Sample:
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not turns:
-        raise DataError(f"{where}: the conversation has no assistant message, so nothing to learn from")
-    if turns[0] == 0:
-        raise DataError(f"{where}: the conversation starts with an assistant message; it needs a prompt first")
     if not getattr(tok, "chat_template", None):
         raise DataError(f"{where}: \"messages\" needs a tokenizer with a chat template and this one has none; "
                         "use {\"prompt\", \"completion\"} records instead")
@@ -158,20 +112,15 @@ def _chat(tok, messages: Any, where: str) -> Sample:
 
 
 def tokenize_record(tok, rec: dict[str, Any], where: str) -> Sample:
-    if "messages" in rec:
+    kind = check_record(rec, where)
+    if kind == "messages":
         return _chat(tok, rec["messages"], where)
-    if "prompt" in rec or "completion" in rec:
-        missing = [k for k in ("prompt", "completion") if k not in rec]
-        if missing:
-            raise DataError(f"{where}: a prompt/completion record lacks \"{missing[0]}\"")
-        prompt = _encode(tok, _need_str(rec, "prompt", where), special=True)
-        completion = _encode(tok, _need_str(rec, "completion", where), special=False) + _eos(tok)
+    if kind == "prompt":
+        prompt = _encode(tok, rec["prompt"], special=True)
+        completion = _encode(tok, rec["completion"], special=False) + _eos(tok)
         return Sample(prompt + completion, [0] * len(prompt) + [1] * len(completion))
-    if "text" in rec:
-        ids = _encode(tok, _need_str(rec, "text", where), special=True) + _eos(tok)
-        return Sample(ids, [1] * len(ids))
-    raise DataError(f"{where}: a record needs \"text\", \"prompt\"+\"completion\" or \"messages\"; "
-                    f"found keys {sorted(rec)}")
+    ids = _encode(tok, rec["text"], special=True) + _eos(tok)
+    return Sample(ids, [1] * len(ids))
 
 
 def load_samples(paths: Sequence[str | Path], tok) -> list[Sample]:

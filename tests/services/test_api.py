@@ -15,6 +15,10 @@ LIMITS = {"LLAMA_SVC_MAX_ACTIVE_JOBS_PER_TEAM": "2", "LLAMA_SVC_MAX_BODY_BYTES":
           "LLAMA_SVC_MAX_UPLOAD_BYTES": "200000", "LLAMA_SVC_MAX_NEW_TOKENS": "32", "LLAMA_SVC_RETRY_AFTER_S": "7"}
 
 
+# dataset uploads are raw JSONL bodies, fuzzed as arbitrary bytes
+schemathesis.serializer.alias("application/x-ndjson", "application/octet-stream")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     # No workers: submitted jobs stay queued, so fuzzed requests start nothing heavy.

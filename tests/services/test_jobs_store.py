@@ -70,3 +70,15 @@ def test_pure_state_logic():
         check_transition("succeeded", "running")
     assert eta_seconds(1, 4, started_at=100.0, now=110.0) == pytest.approx(30.0)
     assert eta_seconds(0, 4, started_at=100.0) is None
+
+
+def test_recover_with_event_and_final_error(store):
+    job, _ = store.create("t", "convert", {}, max_attempts=2)
+    j1 = store.claim(job.id, store.mark_dispatched(job.id), "w1")
+    assert store.recover_lost(j1, "killed by signal 9", event={"signal": 9}, error="unused") == "queued"
+    assert store.retries(job.id) == [{"state": "queued", "reason": "killed by signal 9", "signal": 9}]
+    j2 = store.claim(job.id, store.mark_dispatched(job.id), "w2")
+    assert store.recover_lost(j1, "late", error="x") is None  # the first attempt is fenced off
+    assert store.recover_lost(j2, "killed by signal 9", event={"signal": 9}, error="killed on each attempt") == "failed"
+    assert store.get(job.id).error == "killed on each attempt"
+    assert len(store.retries(job.id)) == 1

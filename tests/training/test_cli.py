@@ -76,11 +76,28 @@ def test_run_finetune_job_entry_point(assets, tmp_path):
 
     events = []
     records = [{"prompt": p[:40], "completion": p[40:120]} for p in assets.paras[:8]]
-    result = run_finetune({"source": "team/base", "output": "team/tuned", "data": records, "train_iters": 2,
-                           "micro_batch_size": 2, "global_batch_size": 2, "seq_length": 64, "lr": 1e-3,
-                           "export_hf": False},
-                          assets.native, tmp_path / "output", events.append, lambda: False)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_finetune({"train_iters": 2, "micro_batch_size": 2, "global_batch_size": 2, "seq_length": 64,
+                           "lr": 1e-3, "export_hf": False},
+                          assets.native, tmp_path / "output", data=[data], progress=events.append,
+                          should_cancel=lambda: False)
     assert result["status"] == "completed" and result["checkpoint"] == str(tmp_path / "output")
     assert verify(tmp_path / "output").config == assets.cfg
     steps = [e for e in events if e.get("phase") == "train"]
     assert [e["step"] for e in steps] == [1, 2] and all({"loss", "tokens_per_s", "eta_s"} <= set(e) for e in steps)
+    metrics = [json.loads(line) for line in (tmp_path / "output-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m and "step" in m][:2] == [1, 2]
+
+
+def test_run_finetune_refuses_host_paths_from_a_job(assets, tmp_path):
+    from shared.training import ConfigError, run_finetune
+
+    for key, value in (("metrics_file", str(tmp_path / "x")), ("data_path", ["/etc/passwd"]), ("save", "/tmp")):
+        try:
+            run_finetune({"train_iters": 1, key: value}, assets.native, tmp_path / "out", data=[tmp_path / "d"])
+        except ConfigError as e:
+            assert key in str(e) and "host paths" in str(e)
+        else:
+            raise AssertionError(f"{key} was accepted")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "out-run").exists()

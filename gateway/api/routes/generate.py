@@ -16,11 +16,14 @@ from gateway.auth import Team
 
 router = APIRouter(tags=["generation"])
 ERRORS = {404: {"description": "unknown model"}, 422: {"description": "invalid request"},
-          429: {"description": "the generation worker is at capacity; retry after `Retry-After` seconds"},
+          400: {"description": "more new tokens than the model's positions, or a prompt too long for them"},
+          429: {"description": "the gateway or the generation worker is at capacity; retry after `Retry-After` "
+                               "seconds"},
           503: {"description": "no worker available"}}
 
 
-async def _check(svc, team: str, model: str | None, max_new: int, prompts: list[str]) -> str:
+async def _check(svc, team: str, model: str | None, max_new: int, prompts: list[str],
+                 field: str = "tokens_to_generate") -> str:
     s = svc.settings
     if model is None:
         raise HTTPException(422, "name the checkpoint to generate from in `model`")
@@ -30,8 +33,13 @@ async def _check(svc, team: str, model: str | None, max_new: int, prompts: list[
         raise HTTPException(422, f"a prompt is longer than {s.max_prompt_chars} characters")
     if max_new > s.max_new_tokens:
         raise HTTPException(422, f"at most {s.max_new_tokens} new tokens per request")
-    if not await relay.model_exists(svc, team, model):
+    info = await relay.model_info(svc, team, model)
+    if info is None:
         raise HTTPException(404, f"model {model!r} not found")
+    limit = info["max_positions"]
+    if limit is not None and max_new > limit:
+        raise HTTPException(400, f"{field}={max_new} is more than model {model!r} can hold: its "
+                                 f"max_position_embeddings is {limit} (prompt included); ask for fewer tokens")
     return model
 
 
@@ -58,7 +66,7 @@ def _timing_headers(response: Response, msg: dict) -> None:
 
 
 async def _openai(svc, team: str, api: str, req, prompts: list[str], response: Response):
-    model = await _check(svc, team, req.model, req.max_tokens, prompts)
+    model = await _check(svc, team, req.model, req.max_tokens, prompts, "max_tokens")
     request = {"api": api, "team": team, "model": model, "body": req.model_dump(exclude={"model"})}
     t0 = time.perf_counter()
     if not req.stream:

@@ -13,11 +13,14 @@ from anyio import to_thread
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from gateway.api.deps import Svc
-from gateway.api.schemas import EventList, JobList, JobOut, JobRequest
+from gateway.api.deps import Svc, model_positions
+from gateway.api.schemas import EventList, JobList, JobMetrics, JobOut, JobRequest
 from gateway.auth import Team
 from shared.jobs import KINDS, STATES, TERMINAL, IdempotencyConflict, Job, eta_seconds
+from shared.jobs.logs import request_id_var
 from shared.jobs.reaper import dispatch
+from shared.storage import METRICS_ARTIFACT, ObjectNotFound, artifact_key
+from shared.training.config import ConfigError, TrainConfig
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("llama_svc.gateway")
@@ -54,6 +57,11 @@ def _validate(svc, team: str, req) -> dict:
         return params
     if not svc.checkpoints.exists(team, req.source):
         raise HTTPException(404, f"source checkpoint {req.source!r} not found: upload it with POST /v1/checkpoints")
+    if req.kind == "finetune":
+        _check_finetune(svc, team, req)
+        params["config"] = {**req.config.trainer_options(),
+                            **req.config.model_dump(exclude_none=True, include={"data", "dataset", "valid_data",
+                                                                                "valid_dataset"})}
     if req.kind == "eval":
         if not svc.checkpoints.exists(team, req.reference):
             raise HTTPException(404, f"reference checkpoint {req.reference!r} not found: upload the HF model with "
@@ -69,12 +77,35 @@ def _validate(svc, team: str, req) -> dict:
     return params
 
 
+def _check_finetune(svc, team: str, req) -> None:
+    """What can be known at submit: datasets exist, the plan fits a worker and the model."""
+    c, s = req.config, svc.settings
+    for name in (c.dataset, c.valid_dataset):
+        if name is not None and not svc.datasets.exists(team, name):
+            raise HTTPException(404, f"dataset {name!r} not found: upload it with POST /v1/datasets?name={name}")
+    tp, pp = c.tensor_model_parallel_size or 1, c.pipeline_model_parallel_size or 1
+    world = c.world_size or tp * pp
+    if world > s.max_train_world_size:
+        raise HTTPException(422, f"the plan needs {world} ranks but a train worker offers at most "
+                                 f"{s.max_train_world_size}; lower world_size or TP x PP")
+    positions = model_positions(svc.checkpoints.manifest(team, req.source))
+    if c.seq_length is not None and positions is not None and c.seq_length > positions:
+        raise HTTPException(422, f"seq_length {c.seq_length} exceeds the model's {positions} positions "
+                                 "(max_position_embeddings); lower seq_length")
+    try:  # the trainer's own cross-field checks (batch sizes, schedule, LoRA), with placeholder paths
+        TrainConfig.from_dict({**c.trainer_options(), "load": req.source, "save": "output", "data_path": ["data"]})
+    except ConfigError as e:
+        raise HTTPException(422, f"invalid finetune config: {e}") from None
+
+
 @router.post("", status_code=202, response_model=JobOut, responses={
     404: {"description": "source checkpoint not found"}, 409: {"description": "Idempotency-Key reused / output exists"},
     429: {"description": "too many active jobs for this team (see Retry-After)"}})
 async def submit_job(svc: Svc, team: Team, response: Response, req: JobRequest = Body(...),
-                     idempotency_key: str | None = Header(None, max_length=200)) -> JobOut:
+                     idempotency_key: str | None = Header(None, description="1-200 characters")) -> JobOut:
     """Submit a job; it runs asynchronously. Poll `GET /v1/jobs/{id}` or stream its events."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise HTTPException(422, f"the Idempotency-Key header must be 1-200 characters (got {len(idempotency_key)})")
     body_hash = hashlib.sha256(json.dumps(req.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key is not None:
         old = await to_thread.run_sync(lambda: svc.jobs.list_by_key(team, idempotency_key))
@@ -88,10 +119,11 @@ async def submit_job(svc: Svc, team: Team, response: Response, req: JobRequest =
         raise HTTPException(429, f"your team has {s.max_active_jobs_per_team} active jobs; wait for some to finish",
                             headers={"Retry-After": str(s.retry_after_s)})
     params = await to_thread.run_sync(_validate, svc, team, req)
+    rid = request_id_var.get()
     try:
         job, created = await to_thread.run_sync(lambda: svc.jobs.create(
             team, req.kind, params, max_attempts=s.max_attempts, idempotency_key=idempotency_key,
-            request_hash=body_hash))
+            request_hash=body_hash, request_id=rid))
     except IdempotencyConflict as e:
         raise HTTPException(409, str(e)) from None
     if created:
@@ -163,3 +195,17 @@ async def job_events(job_id: str, request: Request, svc: Svc, team: Team,
                 await asyncio.sleep(0.25)
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/{job_id}/metrics", response_model=JobMetrics, responses={
+    **NOT_FOUND, 409: {"description": "the job has written no metrics yet"}})
+async def job_metrics(job_id: str, svc: Svc, team: Team) -> JobMetrics:
+    """A finetune job's training metrics (one entry per step and evaluation), once it has finished."""
+    job = await to_thread.run_sync(_get, svc, job_id, team)
+    try:
+        raw = await to_thread.run_sync(svc.checkpoints.store.get_bytes, artifact_key(team, job.id, METRICS_ARTIFACT))
+    except ObjectNotFound:
+        why = "only finetune jobs write metrics" if job.kind != "finetune" else f"the job is {job.state}; metrics " \
+              "are stored when its training ends"
+        raise HTTPException(409, f"job {job_id} has no metrics: {why}") from None
+    return JobMetrics(job_id=job.id, metrics=[json.loads(line) for line in raw.decode().splitlines() if line.strip()])
