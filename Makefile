@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@# system tools the tests use: redis-server (started per test run) and docker-compose (validates the compose file)
-	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
-	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose; } || \
-	  { echo "install redis-server and docker-compose (Debian packages) first"; exit 1; }
+	@# system tools the tests use: redis-server and PostgreSQL (started per test run; initdb lives under
+	@# /usr/lib/postgresql/<version>/bin) and docker-compose (validates the compose files)
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && \
+	  { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql docker-compose; } || \
+	  { echo "install redis-server, postgresql and docker-compose (Debian packages) first"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'

@@ -10,46 +10,72 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api.routes import checkpoints, datasets, generate, jobs, ops
+from gateway.api.routes import checkpoints, datasets, deployments, generate, jobs, ops, uploads
 from gateway.core.config import Settings, get_settings
 from gateway.core.services import Services
+from gateway.docs import serve_docs
 from gateway.edge import RequestIdMiddleware, UploadGate
 from gateway.limits import BodyLimitMiddleware, upload_limit
 from gateway.metrics import Metrics
 from shared.jobs.logs import setup_json_logging
+from shared.protocol.errors import describe, megatron_error, openai_error
+from shared.protocol.megatron import MESSAGES
+
+OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 
 log = logging.getLogger("llama_svc.gateway")
 
 
 def create_app(settings: Settings | None = None, *, reaper: bool = True) -> FastAPI:
     settings = settings or get_settings()
+    settings.require_api_keys()
     setup_json_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc = Services.build(settings)
-        svc.metrics = Metrics(svc.jobs)
+        svc.metrics = Metrics(svc.jobs, svc.redis)
         app.state.services = svc
         if reaper:
             svc.start_reaper()
-        log.info("gateway ready", extra={"storage": repr(svc.checkpoints.store), "jobs_db": str(settings.jobs_db_path)})
+        log.info("gateway ready", extra={"storage": repr(svc.checkpoints.store), "jobs_db": repr(svc.jobs)})
         yield
         svc.close()
 
-    app = FastAPI(title="llama-megatron-svc", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="llama-megatron-svc", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Convert, reshard, export, finetune and serve Llama-family checkpoints. "
                               "Authenticate with `Authorization: Bearer <key>`.")
-    for r in (jobs.router, checkpoints.router, datasets.router, generate.router, ops.router):
+    for r in (jobs.router, uploads.checkpoint_router, uploads.dataset_router, checkpoints.router, datasets.router, deployments.router, generate.router,
+              ops.router):
         app.include_router(r)
+    serve_docs(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        path = request.url.path
+        if path.startswith(OPENAI_PREFIXES):  # OpenAI's 400 with its error body
+            message, param = describe(exc.errors())
+            return JSONResponse(openai_error(400, message, param), status_code=400)
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        body = {"detail": errors}
+        if path == "/api":  # Megatron's client reads `message`
+            body.update(megatron_error(describe(exc.errors(), MESSAGES)[0]))
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        path, headers = request.url.path, getattr(exc, "headers", None)
+        if path.startswith(OPENAI_PREFIXES):
+            return JSONResponse(openai_error(exc.status_code, str(exc.detail)), exc.status_code, headers=headers)
+        body = {"detail": exc.detail}
+        if path == "/api":
+            body.update(megatron_error(str(exc.detail)))
+        return JSONResponse(body, exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

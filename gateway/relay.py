@@ -1,7 +1,7 @@
-"""Relay of generation requests to the generate workers (see services/generate/tasks.py for the protocol).
+"""Relay of generation requests to the generate workers (the messages: shared/protocol/relay.py).
 
-The request path stays on the event loop: the task message is pushed onto the ``generate``
-queue with the async Redis client (no thread hop, no per-publish binding lookup), the reply is
+The request path stays on the event loop: the task message is pushed onto the queue of a
+worker that has the model warm, else the shared ``generate`` queue (``shared.jobs.placement``) with the async Redis client (no thread hop, no per-publish binding lookup), the reply is
 awaited with BLPOP on the same client's connection pool, and a checkpoint's manifest (whether it
 exists, its position limit) is read from the store at most once per ``EXISTS_TTL_S`` per (team, model).
 
@@ -27,11 +27,16 @@ from fastapi import HTTPException
 
 from gateway.api.deps import model_positions
 from gateway.core.services import Services
+from shared.jobs import placement
 from shared.jobs.transport import GENERATE_REQUEST
+from shared.protocol.errors import openai_error
+from shared.protocol.relay import RelayReply, RelayRequest
 from shared.storage import CheckpointNotFound
 
-QUEUE = "generate"
+QUEUE = placement.SHARED_QUEUE
 EXISTS_TTL_S = 2.0
+WORKERS_TTL_S = 1.0
+_workers_until: dict[int, tuple[float, list]] = {}
 _ORIGIN = f"gateway{os.getpid()}@{socket.gethostname()}"
 _info_until: dict[tuple[int, str, str], tuple[float, dict]] = {}
 
@@ -60,9 +65,9 @@ async def model_exists(svc: Services, team: str, model: str) -> bool:
     return await model_info(svc, team, model) is not None
 
 
-def task_message(args: list, expires_s: float) -> tuple[str, bytes]:
+def task_message(args: list, expires_s: float, queue: str = QUEUE) -> tuple[str, bytes]:
     """A Celery task message (protocol 2, JSON body) for the Redis transport, as
-    ``send_task(GENERATE_REQUEST, args, queue="generate", expires=...)`` would push it."""
+    ``send_task(GENERATE_REQUEST, args, queue=queue, expires=...)`` would push it."""
     tid = str(uuid.uuid4())
     body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
                       separators=(",", ":"))
@@ -72,7 +77,7 @@ def task_message(args: list, expires_s: float) -> tuple[str, bytes]:
                "parent_id": None, "argsrepr": None, "kwargsrepr": None, "origin": _ORIGIN, "ignore_result": True,
                "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}}
     props = {"correlation_id": tid, "reply_to": "", "delivery_mode": 2,
-             "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0, "body_encoding": "base64",
+             "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0, "body_encoding": "base64",
              "delivery_tag": str(uuid.uuid4())}
     msg = {"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
            "content-type": "application/json", "headers": headers, "properties": props}
@@ -84,11 +89,26 @@ def _unavailable(e: Exception, svc: Services) -> HTTPException:
                          headers={"Retry-After": str(svc.settings.retry_after_s)})
 
 
-async def _publish(svc: Services, request: dict, timeout: float) -> str:
+async def _workers(svc: Services) -> list[placement.Presence]:
+    """The live generate workers and their warm models, read at most every WORKERS_TTL_S."""
+    key, now = id(svc), time.monotonic()
+    hit = _workers_until.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    workers = await to_thread.run_sync(placement.live_workers, svc.redis)
+    _workers_until[key] = (now + WORKERS_TTL_S, workers)
+    return workers
+
+
+async def _publish(svc: Services, request: RelayRequest, timeout: float) -> str:
     reply_key = f"llama_svc:reply:{uuid.uuid4().hex}"
-    _, payload = task_message([request, reply_key, time.time() + timeout], timeout)
     try:
-        await svc.aredis.lpush(QUEUE, payload)
+        queue = placement.pick_queue(await _workers(svc), request.team, request.model)
+    except (redis.RedisError, OSError):
+        queue = QUEUE  # any worker can serve any model
+    _, payload = task_message([request.model_dump(), reply_key, time.time() + timeout], timeout, queue)
+    try:
+        await svc.aredis.lpush(queue, payload)
     except (redis.RedisError, OSError) as e:
         raise _unavailable(e, svc) from None
     return reply_key
@@ -102,12 +122,12 @@ async def _pop(svc: Services, key: str, timeout: float) -> dict:
     if got is None:
         raise HTTPException(503, "no generation worker answered in time; retry later",
                             headers={"Retry-After": str(svc.settings.retry_after_s)})
-    msg = json.loads(got[1])
-    if "error" in msg:
-        err = msg["error"]
-        headers = {"Retry-After": str(err["retry_after"])} if err.get("retry_after") is not None else None
-        raise HTTPException(err["status"], err["message"], headers=headers)
-    return msg
+    reply = RelayReply.model_validate_json(got[1])
+    if reply.error is not None:
+        err = reply.error
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+        raise HTTPException(err.status, err.message, headers=headers)
+    return reply.model_dump(exclude_none=True)
 
 
 async def _take_slot(svc: Services) -> None:
@@ -119,7 +139,7 @@ async def _take_slot(svc: Services) -> None:
     await svc.generations.acquire()  # free: returns without waiting
 
 
-async def call(svc: Services, request: dict) -> dict:
+async def call(svc: Services, request: RelayRequest) -> dict:
     """The worker's reply: ``response``, and its own time ``worker_ms`` and model ``cache`` state."""
     timeout = svc.settings.generate_timeout_s
     await _take_slot(svc)
@@ -130,7 +150,7 @@ async def call(svc: Services, request: dict) -> dict:
         svc.generations.release()
 
 
-async def stream(svc: Services, request: dict) -> AsyncIterator[dict]:  # awaited, then iterated
+async def stream(svc: Services, request: RelayRequest) -> AsyncIterator[dict]:  # awaited, then iterated
     """Yields chunk dicts. The first reply is awaited before returning, so errors become HTTP statuses.
     The slot is held until the chunks end or the iterator is closed."""
     timeout = svc.settings.generate_timeout_s
@@ -153,7 +173,7 @@ async def stream(svc: Services, request: dict) -> AsyncIterator[dict]:  # awaite
                 try:
                     msg = await _pop(svc, key, timeout)
                 except HTTPException as e:
-                    yield {"error": {"message": e.detail, "code": e.status_code}}
+                    yield openai_error(e.status_code, e.detail)
                     return
         finally:
             svc.generations.release()

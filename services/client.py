@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -10,6 +11,14 @@ from typing import Any, Callable, Iterator
 import httpx
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class ApiError(Exception):
@@ -41,16 +50,46 @@ class Client:
         return r.json() if r.content else None
 
     # ---- checkpoints
-    def upload_checkpoint(self, name: str, directory: Path | str) -> dict:
+    def upload_checkpoint(self, name: str, directory: Path | str, direct: bool | None = None,
+                          timeout: float = 3600) -> dict:
+        """Upload an HF checkpoint directory. ``direct``: the files go straight to the object store
+        through presigned URLs (``None``: when the service offers it, else through the gateway)."""
         d = Path(directory)
         paths = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        rels = [p.relative_to(d).as_posix() for p in paths]
+        if direct is not False:
+            files = [{"path": r, "size": p.stat().st_size, "sha256": _sha256(p)} for p, r in zip(paths, rels)]
+            r = self.http.post("/v1/checkpoints/uploads", json={"name": name, "files": files})
+            if not (r.status_code == 501 and direct is None):
+                return self._direct_upload(name, d, self._json(r), timeout)
         handles = [open(p, "rb") for p in paths]
         try:
-            files = [("files", (p.relative_to(d).as_posix(), h, "application/octet-stream")) for p, h in zip(paths, handles)]
-            return self._json(self.http.post("/v1/checkpoints", params={"name": name}, files=files, timeout=None))
+            parts = [("files", (rel, h, "application/octet-stream")) for rel, h in zip(rels, handles)]
+            return self._json(self.http.post("/v1/checkpoints", params={"name": name}, files=parts, timeout=None))
         finally:
             for h in handles:
                 h.close()
+
+    def _direct_upload(self, name: str, d: Path, upload: dict, timeout: float) -> dict:
+        for f in upload["files"]:
+            self._put_parts(d / f["path"], f)
+        self._finish(f"/v1/checkpoints/uploads/{upload['upload_id']}/complete", timeout)
+        return self.get_checkpoint(name)
+
+    def _put_parts(self, path: Path, f: dict) -> None:
+        """PUT one file's parts to their presigned URLs (no Authorization: the URLs are signed)."""
+        with httpx.Client(timeout=self.http.timeout) as store, open(path, "rb") as fh:
+            for url in f["urls"]:
+                r = store.put(url, content=fh.read(f["part_size"]))
+                if r.status_code >= 300:
+                    raise ApiError(r.status_code, f"the object store refused {f['path']}: {r.text[:200]}")
+
+    def _finish(self, complete_url: str, timeout: float) -> dict:
+        """Complete a direct upload and wait for its import job."""
+        job = self.wait(self._json(self.http.post(complete_url))["id"], timeout=timeout)
+        if job["state"] != "succeeded":
+            raise ApiError(422, f"the upload was not accepted: {job.get('error')}")
+        return job
 
     def list_checkpoints(self) -> list[dict]:
         return self._json(self.http.get("/v1/checkpoints"))["checkpoints"]
@@ -61,21 +100,37 @@ class Client:
     def download(self, name: str, dest: Path | str) -> Path:
         """Download every file of a checkpoint into ``dest``."""
         dest = Path(dest)
-        for rel in self.get_checkpoint(name)["files"]:
+        for rel, info in self.get_checkpoint(name)["files"].items():
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            with self.http.stream("GET", f"/v1/checkpoints/{name}/files/{rel}") as r:
+            # the gateway may redirect to the object store (Authorization is not sent across origins)
+            with self.http.stream("GET", f"/v1/checkpoints/{name}/files/{rel}", follow_redirects=True) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._json(r)
+                h = hashlib.sha256()
                 with open(out, "wb") as f:
                     for chunk in r.iter_bytes():
+                        h.update(chunk)
                         f.write(chunk)
+            if h.hexdigest() != info["sha256"]:
+                out.unlink()
+                raise ApiError(502, f"{rel}: the downloaded bytes do not match the checkpoint's sha256; retry")
         return dest
 
     # ---- datasets
-    def upload_dataset(self, name: str, path: Path | str) -> dict:
-        """Upload a JSONL file as the team's dataset ``name`` (name it in a finetune's ``dataset``)."""
+    def upload_dataset(self, name: str, path: Path | str, direct: bool | None = None, timeout: float = 3600) -> dict:
+        """Upload a JSONL file as the team's dataset ``name`` (name it in a finetune's ``dataset``);
+        ``direct`` as in ``upload_checkpoint``."""
+        path = Path(path)
+        if direct is not False:
+            r = self.http.post("/v1/datasets/uploads", json={"name": name, "size": path.stat().st_size,
+                                                             "sha256": _sha256(path)})
+            if not (r.status_code == 501 and direct is None):
+                up = self._json(r)
+                self._put_parts(path, up["files"][0])
+                self._finish(f"/v1/datasets/uploads/{up['upload_id']}/complete", timeout)
+                return self._json(self.http.get(f"/v1/datasets/{name}"))
         with open(path, "rb") as f:
             return self._json(self.http.post("/v1/datasets", params={"name": name}, content=f,
                                              headers={"Content-Type": "application/x-ndjson"}, timeout=None))

@@ -60,7 +60,7 @@ _stores: dict[str, object] = {}
 
 def job_store() -> JobStore:
     if "jobs" not in _stores:
-        _stores["jobs"] = JobStore(settings.jobs_db_path)
+        _stores["jobs"] = JobStore(settings.jobs_db_url, pool_size=settings.jobs_db_worker_pool_size)
     return _stores["jobs"]
 
 
@@ -133,10 +133,9 @@ class JobContext:
         self._beat.join(timeout=5)
 
     def _heartbeat(self) -> None:
-        store = JobStore(self.store.path)  # own connection: sqlite connections are per thread
         while not self._stop.wait(settings.heartbeat_s):
             try:
-                current = store.heartbeat(self.job.id, self.job.attempts)
+                current = self.store.heartbeat(self.job.id, self.job.attempts)
             except Exception as e:  # a busy database must not kill the job; the next beat retries
                 log.warning("heartbeat failed: %s", e, extra={"job_id": self.job.id})
                 continue
@@ -352,7 +351,7 @@ def child_main(job_id: str, attempt: int, target: str, result_path: str, parent_
         import torch
 
         torch.set_num_threads(int(threads))
-    store = JobStore(settings.jobs_db_path)
+    store = JobStore(settings.jobs_db_url, pool_size=settings.jobs_db_worker_pool_size, migrate=False)
     job = store.get(job_id)
     if job is None or job.attempts != attempt:
         return 1

@@ -6,20 +6,27 @@ import pytest
 
 from shared.parallel.launcher import ProcessGroupPool
 
+P2P_CHECK_S = 120.0  # a peer slower than this to post its receive counts as a deadlock
+
 
 @pytest.fixture(scope="session")
 def dist_pool():
     """Four spawned gloo workers, reused by every multi-process test (spawning costs seconds).
 
     ``dist_pool.run(ParallelDims(tp, pp), fn, *args)`` runs ``fn(ctx, *args)`` on the layout's
-    ranks. A test that breaks the pool gets it restarted for the next one.
+    ranks. A test that breaks the pool gets it restarted for the next one. Point-to-point
+    transfers are checked as NCCL orders them (``shared.parallel.p2p``): a pipeline schedule
+    that would hang on GPUs fails here.
     """
-    holder = {"pool": ProcessGroupPool(4, "gloo")}
+    def start():
+        return ProcessGroupPool(4, "gloo", p2p_check_s=P2P_CHECK_S)
+
+    holder = {"pool": start()}
 
     class _Pool:
         def run(self, dims, fn, *args, **kw):
             if holder["pool"].broken:
-                holder["pool"] = ProcessGroupPool(4, "gloo")
+                holder["pool"] = start()
             return holder["pool"].run(dims, fn, *args, **kw)
 
     yield _Pool()

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.protocol.limits import Name, Seed
 from shared.training.config import DECAY_STYLES, FINETUNE_METHODS, LORA_TARGETS, OVERLONG
-
-
-
-def _no_dotdot(name: str) -> str:
-    if ".." in name:
-        raise ValueError("a name cannot contain '..'")
-    return name
-
-
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", description="checkpoint name "
-                            "(no '..')"), AfterValidator(_no_dotdot)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="0 to 2^63-1")]
 Dtype = Literal["fp32", "fp16", "bf16"]
 
 
@@ -123,6 +112,25 @@ class FinetuneConfig(_Strict):
         return self.model_dump(exclude_none=True, exclude={"data", "dataset", "valid_data", "valid_dataset"})
 
 
+class ImportJob(_Strict):
+    """An HF checkpoint (or a JSONL dataset) into the store without passing through the gateway:
+    a finished direct upload (`POST /v1/checkpoints/uploads/{id}/complete` or
+    `/v1/datasets/uploads/{id}/complete` submits this), or a copy of an S3 prefix (a checkpoint
+    directory) or object (a dataset) the team was granted (`LLAMA_SVC_IMPORT_GRANTS`)."""
+    kind: Literal["import"]
+    output: Name
+    target: Literal["checkpoint", "dataset"] = "checkpoint"
+    upload: Annotated[str, Field(pattern=r"^[0-9a-f]{24}$")] | None = None
+    uri: Annotated[str, Field(pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,62}/[A-Za-z0-9._\-/]*$", max_length=1024,
+                              description="s3://bucket/prefix/ of an HF checkpoint directory")] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.upload is None) == (self.uri is None):
+            raise ValueError("name exactly one of `upload` (a completed direct upload) or `uri` (a granted S3 prefix)")
+        return self
+
+
 class FinetuneJob(_Strict):
     kind: Literal["finetune"]
     source: Name
@@ -153,7 +161,7 @@ class GenerateJob(_Strict):
     random_seed: Seed | None = None
 
 
-JobRequest = Annotated[Union[ConvertJob, ReshardJob, ExportJob, FinetuneJob, EvalJob, GenerateJob],
+JobRequest = Annotated[Union[ConvertJob, ReshardJob, ExportJob, ImportJob, FinetuneJob, EvalJob, GenerateJob],
                        Field(discriminator="kind")]
 
 
@@ -208,6 +216,37 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointOut]
 
 
+class DeclaredFileIn(_Strict):
+    path: str = Field(max_length=1024, description="relative path in the checkpoint directory")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DirectUploadRequest(_Strict):
+    name: Name
+    files: list[DeclaredFileIn] = Field(min_length=1, max_length=10_000)
+
+
+class DatasetUploadRequest(_Strict):
+    name: Name
+    size: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DirectUploadFile(BaseModel):
+    path: str
+    size: int
+    part_size: int = Field(description="split the file into parts of this many bytes (the last may be shorter)")
+    urls: list[str] = Field(description="PUT each part's bytes to its URL, in order; no Authorization header")
+
+
+class DirectUploadOut(BaseModel):
+    upload_id: str
+    name: str
+    expires_at: float
+    files: list[DirectUploadFile]
+
+
 class DatasetOut(BaseModel):
     name: str
     committed_at: float
@@ -223,76 +262,3 @@ class DatasetList(BaseModel):
 class JobMetrics(BaseModel):
     job_id: str
     metrics: list[dict[str, Any]] = Field(description="one entry per training step and evaluation, as written")
-
-
-# ---- generation --------------------------------------------------------------------------
-class MegatronRequest(_Strict):
-    """Megatron's `PUT /api` body, plus `model` naming a checkpoint. Unknown fields are refused."""
-    model: Name | None = None
-    prompts: list[str] = Field(min_length=1, max_length=128)
-    tokens_to_generate: int = Field(64, ge=0)
-    logprobs: bool = False
-    temperature: float = Field(1.0, gt=0, le=100)
-    top_k: int = Field(0, ge=0, le=1000)
-    top_p: float = Field(0.0, ge=0, le=1)
-    top_p_decay: float = Field(0.0, ge=0, le=1)
-    top_p_bound: float = Field(0.0, ge=0, le=1)
-    add_BOS: bool = False
-    stop_on_eol: bool = False
-    stop_on_double_eol: bool = False
-    prevent_newline_after_colon: bool = False
-    random_seed: Seed | None = None
-    no_log: bool = False
-    beam_width: int | None = Field(None, ge=1)
-    stop_token: int | None = Field(None, ge=0)
-    length_penalty: float = 1.0
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.top_k > 0 and self.top_p > 0:
-            raise ValueError("top_k and top_p cannot both be set")
-        if self.tokens_to_generate == 0 and not self.logprobs:
-            raise ValueError("tokens_to_generate=0 is scoring mode and needs logprobs=true")
-        return self
-
-
-class MegatronResponse(BaseModel):
-    text: list[str]
-    segments: list[list[str]]
-    logprobs: list[list[float]] | None = None
-
-
-class _OpenAIBase(BaseModel):
-    model: Name
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
-    top_k: int = Field(0, ge=0, le=1000)
-    n: Literal[1] = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: Seed | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    ignore_eos: bool = False
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-
-
-class CompletionRequest(_OpenAIBase):
-    prompt: str
-    echo: bool = False
-    logprobs: None = None
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_OpenAIBase):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[dict[str, Any]]

@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter names for --ckpt-format torch: megatron-core's local layer spec or the "
                         "Transformer Engine spec (norms fused into the linears); same weights (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
-                   help="skip the parity check (logits and greedy tokens against HF transformers on the source "
-                        "weights), which otherwise runs when the model fits in memory")
+                   help="skip the parity report (logits, log-probs, top-1 tokens and every layer's hidden states "
+                        "against HF transformers on the source weights, run layer by layer at the target TP/PP "
+                        "in bounded memory), which otherwise runs for every conversion")
+    p.add_argument("--validate-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="compute dtype of the parity report; bf16 has its own, looser tolerance (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --save-dir; the old contents stay until the new checkpoint is complete")
     return p
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         saver=args.saver, ckpt_format=args.ckpt_format, target_tp=args.target_tensor_parallel_size,
         target_pp=args.target_pipeline_parallel_size, dtype=args.dtype, tokenizer_model=args.tokenizer_model,
         model_size=args.model_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        true_vocab_size=args.true_vocab_size, validate=args.validate, overwrite=args.overwrite,
+        true_vocab_size=args.true_vocab_size, validate=args.validate, validate_dtype=args.validate_dtype,
+        overwrite=args.overwrite,
         transformer_impl=args.saver_transformer_impl,
         command="python -m services.convert " + " ".join(shlex.quote(a) for a in argv))
     try:
@@ -117,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     parity = result.get("parity") or {}
     if parity.get("passed"):
-        print(f"validated: max |dlogits| {parity['max_abs_logit_diff']:.3g}, greedy agreement "
-              f"{parity['greedy_agreement']:.0%}", file=sys.stderr)
-    elif parity.get("skipped"):
-        print(f"validation skipped: {parity['skipped']}", file=sys.stderr)
+        print(f"validated at TP{parity['tp']} PP{parity['pp']}: max |dlogits| {parity['max_abs_logit_diff']:.3g}, "
+              f"top-1 agreement {parity['top1_agreement']:.0%} over {parity['positions']} positions, largest "
+              f"|dhidden| at {parity['worst']['where']} ({parity['seconds']:.0f} s; per layer in parity.txt)",
+              file=sys.stderr)
     print(result["save_dir"])
     return 0
 

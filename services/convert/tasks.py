@@ -1,4 +1,5 @@
-"""Convert-queue jobs: convert (HF -> native TP/PP), reshard (native -> native), export (native -> HF).
+"""Convert-queue jobs: convert (HF -> native TP/PP), reshard (native -> native), export (native -> HF),
+import (an HF checkpoint from a direct upload or a granted S3 prefix, ``services.convert.imports``).
 
 The Celery task only supervises; the work runs in a spawned child (``run_in_child``) over the
 pure ``shared.checkpoint.convert.convert``, with input and output in the object store.
@@ -31,6 +32,14 @@ def convert_job(job: Job, ctx: JobContext) -> dict:
 
 def run_in_child(job: Job, ctx: ChildContext) -> dict:
     try:
+        if job.kind == "import":
+            from services.convert.imports import run_import
+            from services.worker import settings
+
+            m = run_import(job.params, team=job.team, job_id=job.id, checkpoints=ctx.checkpoints,
+                           workdir=ctx.workdir, grants=list(settings.import_grants.get(job.team, ())),
+                           progress=ctx.progress)
+            return _summary(job.params["output"], m)
         return run_conversion(job.kind, job.params, team=job.team, job_id=job.id, checkpoints=ctx.checkpoints,
                               workdir=ctx.workdir, progress=ctx.progress, should_cancel=ctx.should_cancel)
     finally:

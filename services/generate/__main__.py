@@ -4,6 +4,8 @@ serve      load a checkpoint once into its TP x PP process group and answer Mega
            the OpenAI endpoints, batching concurrent requests continuously
 reference  HF transformers' greedy generation, like for like (dtype, new tokens, stop ids)
 compare    the engine against the reference on the same prompts; reports the first divergence
+parity     the parity report of a stored checkpoint against its HF or Meta source: logits, log-probs,
+           top-1 tokens and every layer's hidden states, layer by layer at the checkpoint's TP/PP
 eval       lm-eval tasks on a checkpoint and its HF reference, with the percent-error table
 """
 
@@ -27,9 +29,11 @@ def _serve(a) -> int:
     from services.generate.server import create_app
 
     def factory():
+        from shared.parallel.devices import configured_devices
+
         return GenerationRuntime(a.load, a.tensor_parallel_size, a.pipeline_parallel_size, a.dtype,
                                  max_batch=a.max_batch, max_queue=a.max_queue, max_seq_len=a.max_seq_len,
-                                 model_name=a.model_name, threads=a.threads)
+                                 model_name=a.model_name, threads=a.threads, devices=configured_devices() or None)
 
     uvicorn.run(create_app(factory), host=a.host, port=a.port, log_level="warning")
     return 0
@@ -77,6 +81,22 @@ def _compare(a) -> int:
     return 0 if same else 1
 
 
+def _parity(a) -> int:
+    import torch
+
+    from shared.checkpoint import parity
+    from shared.checkpoint.safe_io import parse_dtype
+
+    torch.set_num_threads(1)  # the reference and the candidate run side by side, one core each
+    rep = parity.check_directories(a.load, a.model_path, compute_dtype=parse_dtype(a.compute_dtype),
+                                   greedy_tokens=a.greedy_tokens)
+    if a.output:
+        parity.store_report(a.output, rep)
+    print(json.dumps(rep.to_dict()))
+    print(rep.summary(), file=sys.stderr)
+    return 0 if rep.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # benchmark parity lives in its own module with its own options
@@ -101,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch", type=int, default=8,
                    help="sequences decoded together (KV cache rows; default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting beyond the batch before answering 429 (default: %(default)s)")
+                   help="sequences waiting beyond the free cache rows before answering 429; 0: no waiting room "
+                        "(default: %(default)s)")
     s.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the checkpoint's)")
     s.add_argument("--threads", type=int, default=1,
                    help="CPU threads per rank (default: %(default)s; more helps only on otherwise idle cores)")
@@ -123,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16, both sides (default: the checkpoint's)")
     layout(c)
     c.set_defaults(fn=_compare)
+
+    q = sub.add_parser("parity", help="the parity report of a checkpoint against its source; exit 1 on failure")
+    q.add_argument("--load", required=True, help="our checkpoint (manifest.json), Megatron-LM's torch layout or HF")
+    q.add_argument("--model-path", required=True, help="the HF or Meta directory it was converted from")
+    q.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="compute dtype of both sides; bf16 has its own tolerance (default: %(default)s)")
+    q.add_argument("--greedy-tokens", type=int, default=None,
+                   help="greedy tokens per prompt (default: 4 where re-reading the weights per token is cheap)")
+    q.add_argument("--output", default=None, help="a directory to write parity.json and parity.txt into")
+    q.set_defaults(fn=_parity)
 
     a = p.parse_args(argv)
     try:

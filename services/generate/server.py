@@ -1,7 +1,9 @@
 """The standalone generation server: Megatron's PUT /api and OpenAI-compatible endpoints.
 
-Routes are thin: parse JSON, call the ``GenerationRuntime``, map its errors to status codes.
-The model loads in the background; /health answers 503 until it is ready.
+Routes are thin: parse JSON, call the ``GenerationRuntime``, map its errors to status codes and
+to each API's error body (``shared.protocol.errors``): OpenAI's ``{"error": {...}}`` on ``/v1``,
+Megatron's ``{"message"}`` on ``/api``. The model loads in the background; /health answers 503
+until it is ready.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import threading
 from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.generate.runtime import GenerationRuntime, Overloaded, RequestError
+from shared.protocol import megatron_error, openai_error
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -24,6 +27,44 @@ class _Holder:
     def __init__(self):
         self.runtime: GenerationRuntime | None = None
         self.error: str | None = None
+
+
+def _as_request_error(e: RequestError | Overloaded) -> RequestError:
+    if isinstance(e, Overloaded):
+        return RequestError(429, str(e), retry_after=e.retry_after)
+    return e
+
+
+def openai_response(e: RequestError | Overloaded) -> JSONResponse:
+    e = _as_request_error(e)
+    return JSONResponse(openai_error(e.status_code, e.message, e.param), e.status_code, headers=e.headers())
+
+
+def megatron_response(e: RequestError | Overloaded) -> JSONResponse:
+    e = _as_request_error(e)
+    return JSONResponse(megatron_error(e.message), e.status_code, headers=e.headers())
+
+
+async def body_of(request: Request) -> Any:
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+
+
+def sse(chunks: Iterator[dict]) -> Iterator[str]:
+    try:
+        for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n"
+    except RequestError as e:
+        yield f"data: {json.dumps(openai_error(e.status_code, e.message, e.param))}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRuntime) -> FastAPI:
@@ -52,46 +93,16 @@ def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRunt
     def runtime() -> GenerationRuntime:
         rt = holder.runtime
         if rt is None or not rt.ready:
-            raise RequestError(503, holder.error or "the model is still loading")
+            raise RequestError(503, holder.error or "the model is still loading", retry_after=1)
         return rt
-
-    async def body_of(request: Request) -> Any:
-        size, chunks = 0, []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise RequestError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e})") from None
-
-    def openai_error(e: RequestError | Overloaded) -> JSONResponse:
-        if isinstance(e, Overloaded):
-            return JSONResponse({"error": {"message": str(e), "type": "overloaded", "code": 429}}, 429,
-                                headers={"Retry-After": str(e.retry_after)})
-        kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
-                503: "service_unavailable"}.get(e.status_code, "server_error")
-        return JSONResponse({"error": {"message": e.message, "type": kind, "code": e.status_code}}, e.status_code)
 
     @app.put("/api")
     async def api(request: Request):
         try:
             body = await body_of(request)
             return JSONResponse(await run_in_threadpool(runtime().api, body))
-        except RequestError as e:  # Megatron answers errors as a plain-text message
-            return PlainTextResponse(e.message, e.status_code)
-        except Overloaded as e:
-            return PlainTextResponse(str(e), 429, headers={"Retry-After": str(e.retry_after)})
-
-    def sse(chunks: Iterator[dict]) -> Iterator[str]:
-        try:
-            for c in chunks:
-                yield f"data: {json.dumps(c)}\n\n"
-        except RequestError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status_code}})}\n\n"
-        yield "data: [DONE]\n\n"
+        except (RequestError, Overloaded) as e:
+            return megatron_response(e)
 
     async def openai(request: Request, plain, streaming):
         try:
@@ -103,7 +114,7 @@ def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRunt
                                          headers={"Cache-Control": "no-cache"})
             return JSONResponse(await run_in_threadpool(plain(rt), body))
         except (RequestError, Overloaded) as e:
-            return openai_error(e)
+            return openai_response(e)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -118,7 +129,18 @@ def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRunt
         try:
             return runtime().models()
         except RequestError as e:
-            return openai_error(e)
+            return openai_response(e)
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        try:
+            rt = runtime()
+            if model_id != rt.model_name:
+                raise RequestError(404, f"model {model_id!r} not found; this server serves {rt.model_name!r}",
+                                   "model")
+            return rt.model_card()
+        except RequestError as e:
+            return openai_response(e)
 
     @app.get("/health")
     def health():

@@ -1,11 +1,10 @@
 """Generate-queue work: relayed generation requests and batch generation jobs.
 
-Relay protocol: the gateway publishes ``generate.request(request, reply_key, deadline)`` with
-``request = {"api": "megatron" | "completions" | "chat", "team", "model", "body"}``; this worker
-answers on the Redis list ``reply_key``: ``{"response": ..., "worker_ms", "cache"}`` once, or for
-streams ``{"chunk": ...}`` per chunk then ``{"done": true, "worker_ms", "cache"}``; failures as
-``{"error": {"status", "message"[, "retry_after"]}}``. ``cache`` is ``"hit"`` when the model was
-already warm, ``"miss"`` when this request loaded it.
+Relay protocol (``shared.protocol.relay``): the gateway publishes
+``generate.request(RelayRequest, reply_key, deadline)``; this worker answers on the Redis list
+``reply_key`` with ``RelayReply`` messages: ``response`` once, or for streams ``chunk`` per chunk
+then ``done``; failures as ``error``. ``cache`` is ``"hit"`` when the model was already warm,
+``"miss"`` when this request loaded it.
 
 Concurrency. The worker runs Celery's solo pool: messages are executed inline, one at a time,
 in the worker's main thread. A relay task therefore only hands its request to a thread pool
@@ -27,9 +26,10 @@ against the store at most every ``RECHECK_S`` seconds, not per request.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -41,8 +41,11 @@ from typing import Callable, Iterator
 from celery import signals
 
 from services.generate.runtime import GenerationRuntime, Overloaded, RequestError
+from shared.protocol import parse
+from shared.protocol.relay import RelayError, RelayReply, RelayRequest
 from services.worker import (Job, JobCancelled, JobContext, JobFailed, OwnershipLost, app, checkpoint_store, run_job,
                              settings)
+from shared.jobs import placement
 from shared.jobs.transport import GENERATE_REQUEST, job_task_name
 from shared.storage import CheckpointNotFound, CheckpointStore
 
@@ -86,6 +89,7 @@ class ModelCache:
         self.checkpoints, self.cache_dir, self.max_bytes = checkpoints, Path(cache_dir), max_bytes
         self.opener, self.closer, self.recheck_s = opener, closer, recheck_s
         self.loads = 0
+        self.pinned: set[tuple[str, str]] = set()
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -140,6 +144,18 @@ class ModelCache:
             raise e.error
         return e, load
 
+    def warm(self) -> list[str]:
+        """``team/name`` of every model loaded and ready."""
+        with self._lock:
+            return [f"{t}/{n}" for (t, n), e in self._entries.items() if e.ready.is_set() and e.error is None]
+
+    def pin(self, keys: set[tuple[str, str]]) -> None:
+        """Keep these models loaded (a deployment's); loads the ones not yet warm."""
+        self.pinned = set(keys)
+        for team, name in keys:
+            with self.lease(team, name):
+                pass
+
     def _make_room(self, new: _Entry) -> None:
         if new.size > self.max_bytes:
             raise RequestError(507, f"model {new.key[1]!r} needs about {new.size} bytes, more than this worker's "
@@ -147,6 +163,8 @@ class ModelCache:
         for old in list(self._entries.values()):
             if self.used_bytes + new.size <= self.max_bytes:
                 break
+            if old.key in self.pinned:
+                continue  # a deployed model stays loaded
             log.info("evicting model %s/%s from memory", *old.key)
             self._evict(old)
 
@@ -199,17 +217,52 @@ def _torch_threads() -> int:
     return int(os.environ.get("LLAMA_SVC_TORCH_THREADS") or 0) or max(1, (os.cpu_count() or 2) // 2)
 
 
+_gpus = None
+_gpus_lock = threading.Lock()
+_claimed: dict[int, tuple[int, ...]] = {}  # id(runtime) -> the GPUs it was given
+
+
+def _gpu_allocator():
+    """This worker's GPUs (``LLAMA_SVC_DEVICES``, else all it sees), shared by the models it serves."""
+    global _gpus
+    with _gpus_lock:
+        if _gpus is None:
+            from shared.parallel.devices import DeviceAllocator, configured_devices
+
+            _gpus = DeviceAllocator(configured_devices())
+        return _gpus
+
+
 def open_runtime(path: Path, name: str) -> GenerationRuntime:
-    """A runtime in the checkpoint's stored layout; TP·PP > 1 starts its own spawned ranks."""
+    """A runtime in the checkpoint's stored layout; TP·PP > 1 starts its own spawned ranks, each on
+    its own GPU of this worker's devices (the least used ones; in-process models spread the same way)."""
     import torch
+
+    from shared.inference.source import ModelSource
 
     threads = _torch_threads()
     torch.set_num_threads(threads)  # an in-process engine computes in this process
-    return GenerationRuntime(path, model_name=name, threads=threads)
+    gpus = _gpu_allocator()
+    devices = None
+    if gpus.devices:
+        stored = ModelSource.open(path).stored_layout()
+        devices = gpus.claim(stored.tp * stored.pp, f"model {name!r} (TP{stored.tp} x PP{stored.pp})")
+    try:
+        rt = GenerationRuntime(path, model_name=name, threads=threads, devices=devices)
+    except BaseException:
+        if devices:
+            gpus.release(devices)
+        raise
+    if devices:
+        _claimed[id(rt)] = devices
+    return rt
 
 
 def close_runtime(rt: GenerationRuntime) -> None:
     rt.close()
+    devices = _claimed.pop(id(rt), None)
+    if devices:
+        _gpu_allocator().release(devices)
 
 
 # ---------------------------------------------------------------- the backend
@@ -220,32 +273,33 @@ class RuntimeBackend:
     def __init__(self, models: ModelCache):
         self.models = models
 
-    def handle(self, request: dict) -> dict:
+    def handle(self, request: dict | RelayRequest) -> dict:
         return self.handle_timed(request)[0]
 
-    def handle_timed(self, request: dict) -> tuple[dict, bool]:
-        """(response, whether this request loaded the model)."""
-        api, body = _parse(request)
-        with self.models.lease(request["team"], request["model"]) as (rt, loaded):
-            if api == "megatron":
-                return rt.api(body), loaded
-            if api == "completions":
-                return rt.completions(body), loaded
-            return rt.chat_completions(body), loaded
+    def handle_timed(self, request: dict | RelayRequest) -> tuple[dict, bool, dict | None]:
+        """(response, whether this request loaded the model, a Megatron response's usage)."""
+        req = parse(RelayRequest, request)
+        with self.models.lease(req.team, req.model) as (rt, loaded):
+            if req.api == "megatron":
+                resp, usage = rt.api_usage(req.body)
+                return resp, loaded, usage
+            if req.api == "completions":
+                return rt.completions(req.body), loaded, None
+            return rt.chat_completions(req.body), loaded, None
 
-    def stream(self, request: dict) -> Iterator[dict]:
+    def stream(self, request: dict | RelayRequest) -> Iterator[dict]:
         return self.stream_timed(request)[0]
 
-    def stream_timed(self, request: dict) -> tuple[Iterator[dict], bool]:
+    def stream_timed(self, request: dict | RelayRequest) -> tuple[Iterator[dict], bool]:
         """(chunks, whether this request loaded the model). A bad request raises here, before
         any chunk; the model stays leased until the chunks are consumed or closed."""
-        api, body = _parse(request)
-        if api == "megatron":
-            raise RequestError(400, "the Megatron API does not stream; drop `stream`")
-        lease = self.models.lease(request["team"], request["model"])
+        req = parse(RelayRequest, request)
+        if req.api == "megatron":
+            raise RequestError(400, "the Megatron API does not stream; drop `stream`", "stream")
+        lease = self.models.lease(req.team, req.model)
         rt, loaded = lease.__enter__()
         try:
-            chunks = rt.stream_completions(body) if api == "completions" else rt.stream_chat(body)
+            chunks = rt.stream_completions(req.body) if req.api == "completions" else rt.stream_chat(req.body)
         except BaseException:
             lease.__exit__(None, None, None)
             raise
@@ -261,18 +315,6 @@ class RuntimeBackend:
 
     def close(self) -> None:
         self.models.close()
-
-
-def _parse(request: dict) -> tuple[str, dict]:
-    api, body = request.get("api"), request.get("body")
-    if api not in ("megatron", "completions", "chat"):
-        raise RequestError(400, f"unknown api {api!r}; use megatron, completions or chat")
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    for k in ("team", "model"):
-        if not isinstance(request.get(k), str):
-            raise RequestError(400, f"the request names no {k}")
-    return api, body
 
 
 _backend: RuntimeBackend | None = None
@@ -323,6 +365,41 @@ def _on_shutdown(sender=None, **_):
         pool.shutdown(wait=True)
 
 
+# ---------------------------------------------------------------- placement
+WORKER_ID = re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:100]
+
+
+@signals.worker_ready.connect
+def _serve_own_queue(sender=None, **_):
+    """A generate worker also consumes ``generate.<id>`` (requests for the models it has warm)
+    and announces itself and its deployments (see ``shared.jobs.placement``)."""
+    try:
+        if placement.SHARED_QUEUE not in app.amqp.queues.consume_from:
+            return
+    except Exception:
+        return
+    sender.add_task_queue(placement.worker_queue(WORKER_ID))
+    threading.Thread(target=_announce_loop, daemon=True, name="placement").start()
+
+
+def _announce_loop() -> None:
+    deployments = placement.Deployments(checkpoint_store().store)
+    pinning: cf.Future | None = None
+    while not _stopping.wait(placement.ANNOUNCE_S):
+        try:
+            mine = placement.claim_replicas(_redis(), WORKER_ID, deployments.list())
+            backend = get_backend()
+            keys = {(d.team, d.model) for d in mine}
+            if keys != backend.models.pinned and (pinning is None or pinning.done()):
+                pinning = _pools()[0].submit(backend.models.pin, keys)  # loads off this thread
+            with _lock:
+                load = _backlog
+            placement.announce(_redis(), placement.Presence(
+                WORKER_ID, placement.worker_queue(WORKER_ID), backend.models.warm(), load, RELAY_BACKLOG, time.time()))
+        except Exception as e:  # Redis or the store down: announce again next round
+            log.warning("placement round failed: %s", e)
+
+
 # ---------------------------------------------------------------- relay task
 @app.task(name=GENERATE_REQUEST, acks_late=False, ignore_result=True)
 def generate_request(request: dict, reply_key: str, deadline: float) -> None:
@@ -335,8 +412,8 @@ def generate_request(request: dict, reply_key: str, deadline: float) -> None:
             _backlog += 1
     if refuse:
         status, why = (503, "is shutting down") if _stopping.is_set() else (429, "is at capacity")
-        _reply(reply_key, {"error": {"status": status, "message": f"the generation worker {why}; retry shortly",
-                                     "retry_after": 1}})
+        _reply(reply_key, RelayReply(error=RelayError(status=status, retry_after=1,
+                                                      message=f"the generation worker {why}; retry shortly")))
         return
     relay.submit(_answer_queued, request, reply_key, deadline)
 
@@ -360,36 +437,37 @@ def answer(request: dict, reply_key: str, deadline: float, backend: RuntimeBacke
             with closing(it):
                 for i, chunk in enumerate(it):
                     if i == 0:
-                        _reply(reply_key, {"chunk": chunk})
+                        _reply(reply_key, RelayReply(chunk=chunk))
                     else:
-                        _redis().rpush(reply_key, _dumps({"chunk": chunk}))
-            msg = {"done": True}
+                        _redis().rpush(reply_key, RelayReply(chunk=chunk).dumps())
+            msg = RelayReply(done=True)
         else:
-            resp, loaded = backend.handle_timed(request)
-            msg = {"response": resp}
-        msg.update(worker_ms=(time.perf_counter() - t0) * 1e3, cache="miss" if loaded else "hit")
+            resp, loaded, usage = backend.handle_timed(request)
+            msg = RelayReply(response=resp, usage=usage)
+        msg.worker_ms, msg.cache = (time.perf_counter() - t0) * 1e3, "miss" if loaded else "hit"
+        msg.worker = WORKER_ID
     except RequestError as e:
-        msg = {"error": {"status": e.status_code, "message": e.message}}
+        msg = _error(e.status_code, e.message, e.param, e.retry_after)
     except Overloaded as e:
-        msg = {"error": {"status": 429, "message": str(e), "retry_after": e.retry_after}}
+        msg = _error(429, str(e), retry_after=e.retry_after)
     except CheckpointNotFound:
-        msg = {"error": {"status": 404, "message": f"model {request.get('model')!r} not found"}}
+        msg = _error(404, f"model {request.get('model')!r} not found", "model")
     except Exception as e:  # noqa: BLE001 - reported to the caller
         log.exception("generation failed")
-        msg = {"error": {"status": 500, "message": f"{type(e).__name__}: {e}"}}
+        msg = _error(500, f"{type(e).__name__}: {e}")
     _reply(reply_key, msg)
 
 
-def _dumps(obj: dict) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> RelayReply:
+    return RelayReply(error=RelayError(status=status, message=message, param=param, retry_after=retry_after))
 
 
-def _reply(key: str, msg: dict) -> None:
+def _reply(key: str, msg: RelayReply) -> None:
     import redis
 
     try:
         pipe = _redis().pipeline(transaction=False)
-        pipe.rpush(key, _dumps(msg))
+        pipe.rpush(key, msg.dumps())
         pipe.expire(key, REPLY_TTL_S)
         pipe.execute()
     except redis.RedisError as e:  # the gateway times out; nothing else to tell

@@ -57,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--world-size", type=int, default=None,
                      help="processes to start (data parallel = world / (TP x PP)); default: TP x PP on CPU, "
-                          "all GPUs (rounded down to a multiple of TP x PP) on GPU")
+                          "all of the worker's GPUs (LLAMA_SVC_DEVICES, else every visible one; rounded down "
+                          "to a multiple of TP x PP) on GPU, one process per GPU")
 
     ev = p.add_argument_group("checkpointing, evaluation and logging")
     ev.add_argument("--save-interval", type=int, default=None)
@@ -76,9 +77,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def default_world(tp: int, pp: int) -> int:
-    import torch
+    from shared.parallel.devices import configured_devices
 
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = len(configured_devices())
     return max(tp * pp, n // (tp * pp) * (tp * pp))
 
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.checkpoint.safe_io import CheckpointError
     from shared.parallel.dims import LayoutError
     from shared.tokenizer import TokenizerError
+    from shared.parallel.devices import DeviceError, configured_devices
     from shared.training import Cancelled, ConfigError, DataError, TrainingError, train
 
     args = parser().parse_args(argv)
@@ -110,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {event['tokens_per_s']:.0f} tok/s | eta {event['eta_s']:.0f} s", flush=True)
 
     try:
-        result = train(config_from_args(args), progress=show)
-    except (ConfigError, DataError, CheckpointError, LayoutError, TokenizerError) as e:
+        result = train(config_from_args(args), progress=show, devices=configured_devices() or None)
+    except (ConfigError, DataError, CheckpointError, LayoutError, TokenizerError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -34,6 +34,7 @@ def run_in_child(job: Job, ctx: ChildContext) -> dict:
 
 
 def _finetune(job: Job, ctx: ChildContext, src: Path) -> dict:
+    from shared.parallel.devices import configured_devices
     from shared.training import METRICS_FILE, run_finetune
 
     config = dict(job.params.get("config") or {})
@@ -42,7 +43,7 @@ def _finetune(job: Job, ctx: ChildContext, src: Path) -> dict:
     save_dir = ctx.workdir / "output"
     try:
         result = run_finetune(config, src, save_dir, data=data, valid=valid, progress=ctx.progress,
-                              should_cancel=ctx.should_cancel) or {}
+                              should_cancel=ctx.should_cancel, devices=configured_devices() or None) or {}
     finally:
         metrics = save_dir.with_name(save_dir.name + "-run") / METRICS_FILE
         if metrics.is_file():  # served by GET /v1/jobs/{id}/metrics

@@ -60,6 +60,7 @@ class ConvertOptions:
     make_vocab_size_divisible_by: int = 128
     true_vocab_size: int | None = None
     validate: bool = True
+    validate_dtype: str = "fp32"         # compute dtype of the parity check: fp32 | bf16
     overwrite: bool = False
     transformer_impl: str = "local"
     command: str | None = None           # recorded in the provenance (the CLI passes its argv)
@@ -93,6 +94,7 @@ def _check_options(o: ConvertOptions) -> None:
     _choice("--saver", o.saver, SAVERS)
     _choice("--ckpt-format", o.ckpt_format, CKPT_FORMATS)
     _choice("--saver-transformer-impl", o.transformer_impl, megatron_lm.IMPLS)
+    _choice("--validate-dtype", o.validate_dtype, ("fp32", "bf16"))
     parse_dtype(o.dtype)
     for name, v in (("--target-tensor-parallel-size", o.target_tp), ("--target-pipeline-parallel-size", o.target_pp),
                     ("--make-vocab-size-divisible-by", o.make_vocab_size_divisible_by)):
@@ -262,6 +264,11 @@ def _convert(opts: ConvertOptions, src: _Source, hasher: _Hasher, progress: Call
             raise Cancelled(f"conversion to {opts.save_dir} cancelled; nothing was written")
         report(tracker.step(nbytes))
 
+    def validated(done: int, total: int) -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"conversion to {opts.save_dir} cancelled during validation; nothing was written")
+        report(Progress("validate", done, total, "layers"))
+
     with staging_dir(Path(opts.save_dir), opts.overwrite) as out, _one_torch_thread():
         if opts.saver == "hf":
             result = _save_hf(out, cfg, src, dtype, step, report)
@@ -273,9 +280,8 @@ def _convert(opts: ConvertOptions, src: _Source, hasher: _Hasher, progress: Call
         tok_files = tok.save_tokenizer(src.tokenizer_src, tok_dir)
         parity_report = None
         if opts.validate:
-            report(Progress("validate", 0, 1, "checks"))
-            parity_report = _validate(out, opts, cfg, layout, src, dtype, tok.load_source_tokenizer(src.tokenizer_src))
-            report(Progress("validate", 1, 1, "checks"))
+            parity_report = _validate(out, opts, cfg, layout, src, dtype, tok.load_source_tokenizer(src.tokenizer_src),
+                                      validated)
         provenance = _provenance(opts, src, hasher.wait())
         if opts.saver != "hf" and opts.ckpt_format == "native":
             result = native.write_manifest(
@@ -349,20 +355,14 @@ def _save_hf(out: Path, cfg: ModelConfig, src: _Source, dtype: torch.dtype, step
 
 
 def _validate(out: Path, o: ConvertOptions, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype,
-              tokenizer) -> dict[str, Any] | None:
-    import psutil
-
-    need = parity.estimate_bytes(cfg)
-    if need > 0.8 * psutil.virtual_memory().available:
-        return {"passed": None, "skipped": f"needs ~{need / 2**30:.1f} GiB of free memory for two fp32 models; "
-                                           "check parity separately or convert with --no-validate"}
+              tokenizer, on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    """The streaming parity report of the written checkpoint at its own TP/PP (``shared.checkpoint.parity``)."""
     if o.saver == "hf":
-        written = hf_fmt.open_hf_weights(out)
-    elif o.ckpt_format == "torch":
-        written = megatron_lm.open_megatron_lm(out, cfg.vocab_size)[-1]
+        written = parity.Written("hf", str(out), Layout(1, 1, layout.divisible_by))
     else:
-        written = native.ShardedSource(cfg, layout, dtype, native.RankFiles(out).get)
-    rep = parity.check_parity(cfg, src.tensors.get, written.get, tokenizer, dtype)
+        written = parity.Written("megatron-lm" if o.ckpt_format == "torch" else "native", str(out), layout)
+    rep = parity.check(cfg, src.tensors, written, tokenizer, dtype, compute_dtype=parse_dtype(o.validate_dtype),
+                       on_step=on_step)
     parity.store_report(out, rep)
     if not rep.passed:
         raise parity.ParityError(f"the converted checkpoint failed validation ({rep.summary()}); nothing was "

@@ -125,12 +125,7 @@ class MetaSource(TensorSource):
         super().__init__()
         self.cfg = cfg
         self._paths = shard_files(directory)
-        self._shards = []
-        for p in self._paths:
-            sd = safe_torch_load(p)
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"{p}: expected a state dict, found {type(sd).__name__}")
-            self._shards.append(sd)
+        self._loaded: list[dict] | None = None
         for name in L.hf_names(cfg):
             meta, _ = meta_name(name)
             if meta not in self._shards[0]:
@@ -138,35 +133,74 @@ class MetaSource(TensorSource):
             self._shapes[name] = self._joined_shape(name)
             self._dtypes[name] = self._shards[0][meta].dtype
 
+    @property
+    def _shards(self) -> list[dict]:
+        """The shards' state dicts, memory-mapped; loaded again after ``release``."""
+        if self._loaded is None:
+            self._loaded = []
+            for p in self._paths:
+                sd = safe_torch_load(p)
+                if not isinstance(sd, dict):
+                    raise CheckpointError(f"{p}: expected a state dict, found {type(sd).__name__}")
+                self._loaded.append(sd)
+        return self._loaded
+
+    def release(self) -> None:
+        """Drop the maps, so the pages read so far stop counting against this process."""
+        self._loaded = None
+
+    def _join_dim(self, name: str, shapes: list[tuple[int, ...]]) -> int | None:
+        """The dim the shards of ``name`` are joined on (None: replicated or a single shard)."""
+        _, dim = meta_name(name)
+        if dim is None or len(shapes) == 1:
+            return None
+        if name == "model.embed_tokens.weight" and sum(s[1] for s in shapes) != self.cfg.hidden_size:
+            return 0  # Llama-3 shards the embedding by rows
+        return dim
+
     def _joined_shape(self, name: str) -> tuple[int, ...]:
-        meta, dim = meta_name(name)
+        meta, _ = meta_name(name)
         shapes = []
         for i, sd in enumerate(self._shards):
             if meta not in sd:
                 raise CheckpointError(f"{self._paths[i].name} lacks {meta}; the shard is incomplete")
             shapes.append(tuple(sd[meta].shape))
-        if dim is None or len(shapes) == 1:
+        dim = self._join_dim(name, shapes)
+        if dim is None:
             return shapes[0]
-        if name == "model.embed_tokens.weight" and sum(s[1] for s in shapes) != self.cfg.hidden_size:
-            dim = 0  # Llama-3 shards the embedding by rows
         out = list(shapes[0])
         out[dim] = sum(s[dim] for s in shapes)
         return tuple(out)
 
     def get(self, name: str) -> torch.Tensor:
-        meta, dim = meta_name(name)
+        meta, _ = meta_name(name)
         parts = [sd[meta] for sd in self._shards]
-        if dim is None or len(parts) == 1:
-            w = parts[0]
-        else:
-            if name == "model.embed_tokens.weight" and sum(p.shape[1] for p in parts) != self.cfg.hidden_size:
-                dim = 0
-            w = torch.cat(parts, dim=dim)
+        dim = self._join_dim(name, [tuple(p.shape) for p in parts])
+        w = parts[0] if dim is None else torch.cat(parts, dim=dim)
         if name.endswith("q_proj.weight"):
             w = meta_to_hf_qk(w, self.cfg.num_heads)
         elif name.endswith("k_proj.weight"):
             w = meta_to_hf_qk(w, self.cfg.num_kv_heads)
         return w
+
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) joined from the shards' pieces of them only (the whole tensor is never built)."""
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            return self.get(name)[lo:hi]  # permuted within heads: whole rows of the join
+        meta, _ = meta_name(name)
+        parts = [sd[meta] for sd in self._shards]
+        dim = self._join_dim(name, [tuple(p.shape) for p in parts])
+        if dim is None:
+            return parts[0][lo:hi]
+        if dim != 0:
+            return torch.cat([p[lo:hi] for p in parts], dim=dim)
+        pieces, offset = [], 0
+        for p in parts:
+            a, b = max(lo, offset), min(hi, offset + p.shape[0])
+            if a < b:
+                pieces.append(p[a - offset:b - offset])
+            offset += p.shape[0]
+        return torch.cat(pieces)
 
     def files(self) -> list[Path]:
         return list(self._paths)

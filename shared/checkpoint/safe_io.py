@@ -133,8 +133,15 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of ``name`` (a reader that assembles tensors builds only these)."""
+        return self.get(name)[lo:hi]
+
     def files(self) -> list[Path]:
         return []
+
+    def release(self) -> None:
+        """Let go of whatever was mapped for earlier reads (a reader that streams calls this as it goes)."""
 
     def close(self) -> None:
         pass

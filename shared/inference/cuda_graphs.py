@@ -1,64 +1,101 @@
-"""The decode step as replayed CUDA graphs (single pipeline stage, CUDA only).
+"""Decode steps replayed as CUDA graphs, captured at load for every bucket (any pipeline stage).
 
-One graph per (batch bucket, kv-length bucket): batch rounded up to a power of two (at most
-the cache's rows), kv length up to a multiple of ``kv_step`` (slots beyond a row's position
-are masked, so reading a few more is harmless). Static inputs are filled with the real step
-before a graph is captured: the warm-up and capture runs then compute exactly that step,
-and rewriting the same K/V into the same slots is idempotent. Padding rows run token 0 at
-position 0 of rows that hold no live sequence.
+Buckets: batch sizes 1, 2, 4, ... up to the cache's rows, and kv lengths 256, 512, ... up to
+the cache's length; a step over rows 0..hi-1 at kv length L replays the smallest bucket that
+holds both (slots beyond a row's position are masked; rows beyond hi are dummy rows, token 0
+at position 0 of rows no sequence is decoding in, which nobody reads). The graphs read the
+worker's device buffers — token ids on the first stage, the received hidden state on the
+others, and the positions — so a step copies nothing in; the transfers between pipeline
+stages stay outside the graphs, the tensor-parallel collectives inside them.
+
+Every bucket is captured when the model loads, never while requests wait. Capture runs under
+one process-wide lock and in thread-local capture mode, so other engines of the same process
+(their own threads) may allocate, synchronize and launch meanwhile without breaking it, and
+no two engines capture at once. Capturing writes slot 0 of the cache's rows, which hold no
+sequence yet. An engine's graphs share one memory pool; each replay's output is consumed
+before the next replay.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-from shared.model import KVCache, LlamaStage
+from shared.model import CacheRows, KVCache, LlamaStage
+
+CAPTURE_LOCK = threading.Lock()
+KV_FIRST = 256
 
 
-class GraphedDecode:
-    def __init__(self, stage: LlamaStage, cache: KVCache, kv_step: int = 256):
-        self.stage, self.cache, self.kv_step = stage, cache, kv_step
-        self.graphs: dict[tuple[int, int], tuple] = {}
+def batch_buckets(max_batch: int) -> list[int]:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def kv_buckets(max_seq: int, first: int = KV_FIRST) -> list[int]:
+    out, kv = [], first
+    while kv < max_seq:
+        out.append(kv)
+        kv *= 2
+    return out + [max_seq]
+
+
+def bucket_for(value: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if b >= value:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+class StageGraphs:
+    """This rank's decode step for every (batch, kv length) bucket.
+
+    ``inputs``: the static input buffer, (max_batch, 1) token ids on the first stage, else
+    (max_batch, 1, hidden); ``positions``: (max_batch, 1).
+    """
+
+    def __init__(self, stage: LlamaStage, cache: KVCache, inputs: torch.Tensor, positions: torch.Tensor):
+        self.stage, self.cache, self.inputs, self.positions = stage, cache, inputs, positions
+        self.batches = batch_buckets(cache.batch)
+        self.kvs = kv_buckets(cache.max_seq)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def _buckets(self, hi: int, kv_len: int) -> tuple[int, int]:
-        b = 1
-        while b < hi:
-            b *= 2
-        kv = -(-kv_len // self.kv_step) * self.kv_step
-        return min(b, self.cache.batch), min(kv, self.cache.max_seq)
+    def key(self, hi: int, kv_len: int) -> tuple[int, int]:
+        return bucket_for(hi, self.batches), bucket_for(kv_len, self.kvs)
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """ids, pos (hi, 1) on the GPU -> logits (hi, 1, V)."""
-        from shared.inference.worker import CacheRows
+    def _step(self, b: int, kv: int) -> torch.Tensor:
+        return self.stage(self.inputs[:b], position_ids=self.positions[:b], cache=CacheRows(self.cache, 0, b),
+                          kv_len=kv)
 
-        hi = ids.shape[0]
-        key = self._buckets(hi, kv_len)
-        entry = self.graphs.get(key)
-        if entry is None:
-            b, kv = key
-            s_ids = torch.zeros(b, 1, dtype=torch.long, device=ids.device)
-            s_pos = torch.zeros(b, 1, dtype=torch.long, device=ids.device)
-        else:
-            _, s_ids, s_pos, _ = entry
-        s_ids.zero_()
-        s_pos.zero_()
-        s_ids[:hi].copy_(ids)
-        s_pos[:hi].copy_(pos)
-        if entry is None:
-            b, kv = key
-            rows = CacheRows(self.cache, 0, b)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.stage(s_ids, position_ids=s_pos, cache=rows, kv_len=kv)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.stage(s_ids, position_ids=s_pos, cache=rows, kv_len=kv)
-            self.pool = graph.pool()
-            entry = self.graphs[key] = (graph, s_ids, s_pos, out)
-        graph, _, _, out = entry
+    @torch.no_grad()
+    def capture(self) -> int:
+        """Warm up and capture every bucket; returns how many graphs there are."""
+        device = self.inputs.device
+        with CAPTURE_LOCK, torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # compiles the fused ops and initializes cuBLAS for each shape
+                for b in self.batches:
+                    for kv in self.kvs:
+                        self._step(b, kv)
+            torch.cuda.current_stream(device).wait_stream(side)
+            for b in self.batches:
+                for kv in self.kvs:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                        out = self._step(b, kv)
+                    self.pool = graph.pool()
+                    self.graphs[(b, kv)] = (graph, out)
+            torch.cuda.synchronize(device)
+        return len(self.graphs)
+
+    def run(self, hi: int, kv_len: int) -> torch.Tensor:
+        """Replay the bucket of (hi, kv_len); the output of all its rows (bucket, 1, ...)."""
+        graph, out = self.graphs[self.key(hi, kv_len)]
         graph.replay()
-        return out[:hi]
+        return out

@@ -3,10 +3,18 @@
 ``Engine.run(plan)`` executes one plan on all ranks and returns the last stage's outputs.
 With TP = PP = 1 the ranks can be this very process (``in_process``), which avoids the
 per-call hand-off to worker processes; otherwise a ``ProcessGroupPool`` holds the ranks.
+
+On GPUs an engine runs on the devices it is given (``devices``: CUDA ordinals, rank r on the
+r-th; default: the first ones visible), never on whatever GPU happens to be current, so
+several engines in one process can use different GPUs. Each rank sizes its KV cache from the
+memory free after its weights; when fewer rows fit than ``max_batch`` asks for, the engine
+serves a smaller batch and logs it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import uuid
 from dataclasses import dataclass
@@ -16,12 +24,15 @@ from typing import Sequence
 import torch
 
 from shared.inference import worker as W
+from shared.inference.device_step import DecodePlan
 from shared.inference.source import ModelSource, SourceError
+from shared.parallel.devices import assign_devices, visible_devices
 from shared.parallel.dims import ParallelDims
 from shared.parallel.launcher import ProcessGroupPool, RemoteError
 from shared.parallel.state import ParallelContext
 
 DEFAULT_MAX_SEQ = 2048
+log = logging.getLogger("llama_svc.engine")
 
 
 class LengthError(ValueError):
@@ -63,9 +74,12 @@ class Engine:
                  pipeline_parallel_size: int | None = None, dtype: str | torch.dtype | None = None,
                  max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
                  in_process: bool | None = None, threads: int = 1, cuda_graphs: bool = True,
-                 timeout_s: float = 600.0, pool=None, source: ModelSource | None = None):
+                 timeout_s: float = 600.0, pool=None, source: ModelSource | None = None,
+                 devices=None, decode_plan: DecodePlan | None = None):
         """``pool``: an existing process pool (anything with ``run(dims, fn, *args)``) to load
-        into instead of starting one; it is left running on ``close``."""
+        into instead of starting one; it is left running on ``close``. ``devices``: the CUDA
+        ordinals of this engine's ranks (default: the visible ones from 0). ``decode_plan``:
+        how the ranks run a step (default: ``DecodePlan.for_device``)."""
         self.source = source or ModelSource.open(load)
         self.cfg = self.source.config()
         stored = self.source.stored_layout()
@@ -84,8 +98,17 @@ class Engine:
         if self.in_process and tp * pp != 1:
             raise ValueError("in-process mode needs TP = PP = 1")
         self.threads, self.timeout_s = threads, timeout_s
+        if pool is not None:  # the pool placed its ranks already
+            self.devices = tuple(getattr(pool, "devices", ()))[: self.dims.world_size]
+        elif torch.cuda.is_available():
+            self.devices = assign_devices(self.dims.world_size, visible_devices() if devices is None else devices,
+                                          f"a TP{tp} x PP{pp} engine")
+        else:
+            self.devices = ()
         self._key = f"engine-{uuid.uuid4().hex}"  # this engine's model state on each rank
-        self._load_args = (self._key, self.source, self.dtype, max_batch, self.max_seq, prefill_chunk, cuda_graphs)
+        self._load_args = (self._key, self.source, self.dtype, max_batch, self.max_seq, prefill_chunk, cuda_graphs,
+                           decode_plan)
+        self.loaded: list[dict] = []
         self._special: dict[str, tuple[int, ...]] | None = None
         self._lock = threading.Lock()
         self._pool = pool
@@ -101,23 +124,44 @@ class Engine:
 
     @property
     def device(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{self.devices[0]}" if self.devices else "cpu"
+
+    def _scope(self):
+        """The in-process engine's GPU as the current device of the calling thread."""
+        return torch.cuda.device(self._ctx.device) if self._ctx.device.type == "cuda" else contextlib.nullcontext()
 
     def _start(self) -> None:
         if self.in_process:
             self._ctx = ParallelContext.single(self.device)
-            if self.device == "cuda":
-                torch.cuda.set_device(0)
-            W.load(self._ctx, *self._load_args)
+            with self._scope():
+                self.loaded = [W.load(self._ctx, *self._load_args)]
         else:
             if self._own_pool:
-                self._pool = ProcessGroupPool(self.dims.world_size, threads=self.threads, timeout_s=self.timeout_s)
+                self._pool = ProcessGroupPool(self.dims.world_size, threads=self.threads, timeout_s=self.timeout_s,
+                                              devices=self.devices or None)
             try:
-                self._pool.run(self.dims, W.load, *self._load_args)
+                self.loaded = [r for r in self._pool.run(self.dims, W.load, *self._load_args) if r is not None]
             except BaseException:
                 if self._own_pool:
                     self._pool.close(force=True)
                 raise
+        fits = min(r["max_batch"] for r in self.loaded)
+        if fits < self.max_batch:
+            log.warning("%s: the KV cache holds %d sequences of %d tokens in the GPU memory left after the weights; "
+                        "max batch reduced from %d to %d", self.source.name(), fits, self.max_seq, self.max_batch, fits)
+            self.max_batch = fits
+
+    def local_worker(self) -> W.Worker:
+        """The rank state of an in-process engine (benchmarks and checks look inside it)."""
+        if not self.in_process or self._ctx is None:
+            raise RuntimeError("only an open in-process engine has its rank in this process")
+        from shared.parallel.launcher import worker_state
+
+        return worker_state()[self._key]
+
+    def device_scope(self):
+        """Make this in-process engine's GPU the calling thread's current device (a no-op on CPU)."""
+        return self._scope()
 
     def special_ids(self) -> dict[str, tuple[int, ...]]:
         """Newline and colon-ending token ids, computed on first use (decodes the whole vocab)."""
@@ -143,7 +187,8 @@ class Engine:
         with self._lock:
             try:
                 if self.in_process:
-                    return W.run_plan(self._ctx, self._key, plan) or {}
+                    with self._scope():
+                        return W.run_plan(self._ctx, self._key, plan) or {}
                 results = self._pool.run(self.dims, W.run_plan, self._key, plan)
                 return results[self.dims.rank(0, self.dims.pp - 1)] or {}
             except BaseException:

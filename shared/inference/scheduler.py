@@ -54,12 +54,17 @@ class SeqResult:
     logprobs: list[float]         # of token_ids
     prompt_logprobs: list[float] | None = None  # of prompt tokens 1..n-1
     stop_string: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None         # per token_ids entry
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None  # per prompt token 1..n-1
 
 
 @dataclass
 class Delta:
     text: str
     n_tokens: int
+    token_ids: list[int] = field(default_factory=list)    # the kept tokens that arrived with this text
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 class Sequence:
@@ -71,10 +76,14 @@ class Sequence:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.prompt_logprobs: list[float] | None = None
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
         self.slot: int | None = None
         self.cancelled = False
         self.finished = False
         self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self._events: queue.Queue = queue.Queue()
 
     def cancel(self) -> None:
@@ -101,31 +110,40 @@ class Sequence:
         """Take a plan's output for this sequence; returns True when the sequence is finished."""
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_top_logprobs = out.prompt_top_logprobs
+        before = len(self.tokens)
         new = list(out.tokens)
+        if new and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         by_id = out.finish == "stop" and new and new[-1] in self.req.stop_ids
         text_ids = new[:-1] if by_id else new
         delta = self.tracker.add(text_ids)
         self.tokens += new
         self.logprobs += out.logprobs
+        self.top_logprobs += out.top_logprobs
         if self.tracker.stopped is not None:
-            self.tokens = self.tokens[: len(self.tracker.ids)]
-            self.logprobs = self.logprobs[: len(self.tracker.ids)]
+            kept = len(self.tracker.ids)
+            self.tokens, self.logprobs, self.top_logprobs = (self.tokens[:kept], self.logprobs[:kept],
+                                                             self.top_logprobs[:kept])
             reason = "stop"
         elif out.finish is not None:
             delta += self.tracker.finish()
             reason = out.finish
         else:
             reason = None
-        if delta:
-            self._events.put(Delta(delta, len(new)))
+        if delta or len(self.tokens) > before:
+            self._events.put(Delta(delta, len(new), self.tokens[before:], self.logprobs[before:],
+                                   self.top_logprobs[before:]))
         if reason is not None:
             self._finish(reason)
         return reason is not None
 
     def _finish(self, reason: str) -> None:
         self.finished = True
+        self.finished_at = time.monotonic()
         self._events.put(SeqResult(list(self.req.prompt_ids), self.tokens, self.tracker.text, reason,
-                                   self.logprobs, self.prompt_logprobs, self.tracker.stopped))
+                                   self.logprobs, self.prompt_logprobs, self.tracker.stopped,
+                                   self.top_logprobs if self.req.top_logprobs else None, self.prompt_top_logprobs))
 
     def fail(self, err: BaseException) -> None:
         self.finished = True
@@ -173,7 +191,8 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise GenerationFailed("the generation engine is shut down")
-            if len(self._waiting) + len(seqs) > self.max_queue:
+            free = self.engine.max_batch - len(self._running)  # rows free now: no waiting room needed
+            if len(self._waiting) + len(seqs) > self.max_queue + max(0, free):
                 raise Overloaded(f"the server is at capacity ({len(self._waiting)} sequences waiting, at most "
                                  f"{self.max_queue}); retry shortly", retry_after=1)
             self._waiting.extend(seqs)

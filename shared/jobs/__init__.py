@@ -1,4 +1,4 @@
-"""Job records (SQLite) and the pure job-state logic."""
+"""Job records (SQLite or PostgreSQL) and the pure job-state logic."""
 
 from .state import (ACTIVE, CANCELLED, FAILED, KINDS, QUEUE_OF, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL,
                     InvalidTransition, check_transition, eta_seconds)

@@ -1,5 +1,9 @@
 """Recovery of jobs whose worker died or whose message Redis lost (see transport.py), and the
-garbage collection of checkpoint commits that died midway."""
+garbage collection of checkpoint commits that died midway.
+
+Every gateway runs a reaper; in each round only the holder of the reaper's lease (a row in the
+jobs database, renewed each round) acts, so several gateways never re-publish the same job twice.
+When the holder stops, another gateway takes the lease over once it expires."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from .store import JobStore
 from .transport import message_id, publish_job, queued_message_ids
 
 log = logging.getLogger("llama_svc.reaper")
+REAPER_LEASE = "reaper"
 
 
 def dispatch(store: JobStore, app, job_id: str, kind: str) -> bool:
@@ -51,12 +56,23 @@ def reap_once(store: JobStore, app, redis_client, *, stale_after_s: float, redis
     return stats
 
 
+def reap_round(store: JobStore, app, redis_client, *, holder: str, lease_s: float, stale_after_s: float,
+               redispatch_after_s: float) -> dict | None:
+    """One round of ``holder``'s reaper: ``reap_once`` if it holds the lease (taking or renewing it
+    for ``lease_s``), else None: another process's reaper acts this round."""
+    if not store.acquire_lease(REAPER_LEASE, holder, lease_s):
+        return None
+    return reap_once(store, app, redis_client, stale_after_s=stale_after_s, redispatch_after_s=redispatch_after_s)
+
+
 class CommitCollector:
-    """Runs ``collect_garbage`` of each checkpoint-like store (checkpoints, datasets) at most every
+    """Runs ``collect_garbage`` of each checkpoint-like store (checkpoints, datasets) and discards
+    expired direct uploads (``uploads``: a ``shared.storage.uploads.UploadSessions``) at most every
     ``interval_s``; called each reaper round."""
 
-    def __init__(self, stores, *, older_than_s: float, interval_s: float):
+    def __init__(self, stores, *, older_than_s: float, interval_s: float, uploads=None):
         self.stores, self.older_than_s, self.interval_s = list(stores), older_than_s, interval_s
+        self.uploads = uploads
         self._next = 0.0
 
     def maybe_run(self, now: float | None = None) -> list[str] | None:
@@ -69,4 +85,7 @@ class CommitCollector:
             for name in store.collect_garbage(self.older_than_s):
                 log.warning("removed the objects of an interrupted commit", extra={"commit": f"{store.prefix}/{name}"})
                 removed.append(f"{store.prefix}/{name}")
+        for upload_id in self.uploads.expire(now) if self.uploads is not None else ():
+            log.warning("aborted an abandoned direct upload", extra={"upload": upload_id})
+            removed.append(f"uploads/{upload_id}")
         return removed

@@ -18,8 +18,8 @@ TRANSITIONS = {
     CANCELLED: set(),
 }
 
-KINDS = ("convert", "reshard", "export", "finetune", "generate", "eval")
-QUEUE_OF = {"convert": "convert", "reshard": "convert", "export": "convert",
+KINDS = ("convert", "reshard", "export", "import", "finetune", "generate", "eval")
+QUEUE_OF = {"convert": "convert", "reshard": "convert", "export": "convert", "import": "convert",
             "finetune": "train", "eval": "train", "generate": "generate"}
 
 

@@ -1,42 +1,28 @@
-"""Job records in SQLite: the system of record for jobs (Redis is only transport).
+"""Job records: the system of record for jobs (Redis is only transport), in SQLite or PostgreSQL.
 
-Every write that depends on the current state is one conditional UPDATE, so the gateway,
-workers, job subprocesses and the reaper can race safely. Writes from a worker carry the
-attempt number they belong to (a fencing token): once the reaper has re-queued or failed a
-job, a late write from the lost attempt changes nothing.
+Every write that depends on the current state is one transaction that reads and updates the job
+under a lock (SQLite: the database write lock taken at BEGIN; PostgreSQL: the job's row, FOR
+UPDATE), so gateways, workers, job subprocesses and reapers on any host can race safely. Writes
+from a worker carry the attempt number they belong to (a fencing token): once the reaper has
+re-queued or failed a job, a late write from the lost attempt changes nothing. A job's events are
+written under the same lock, so their sequence numbers grow in the order they commit and a reader
+that resumes after the last one it saw misses none. ``shared.jobs.db`` names the backends.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import sqlalchemy as sa
+
+from . import db
 from .state import ACTIVE, CANCELLED, FAILED, KINDS, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, check_transition
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-  id TEXT PRIMARY KEY, team TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
-  params TEXT NOT NULL, created_at REAL NOT NULL, dispatched_at REAL, started_at REAL,
-  finished_at REAL, heartbeat_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
-  max_attempts INTEGER NOT NULL, dispatch INTEGER NOT NULL DEFAULT 0,
-  cancel_requested INTEGER NOT NULL DEFAULT 0, error TEXT, result TEXT, progress TEXT,
-  worker TEXT, pid INTEGER, idempotency_key TEXT, request_hash TEXT, seq INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(team, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_team ON jobs(team, seq);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS events (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, ts REAL NOT NULL,
-  type TEXT NOT NULL, data TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
-"""
 
 
 class IdempotencyConflict(ValueError):
@@ -78,8 +64,8 @@ class Job:
         return d
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
-    d = dict(row)
+def _row_to_job(row: sa.Row) -> Job:
+    d = dict(row._mapping)
     for k in ("params", "result", "progress"):
         d[k] = json.loads(d[k]) if d[k] is not None else None
     d["cancel_requested"] = bool(d["cancel_requested"])
@@ -87,28 +73,48 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 
 
 class JobStore:
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self._conn() as c:
-            c.executescript(_SCHEMA)
+    """One store, two backends: ``url`` is a SQLite file path / ``sqlite:///PATH`` or a
+    ``postgresql://`` URL (see ``shared.jobs.db.database_url``). ``pool_size`` connections are
+    kept per process; ``migrate`` brings the schema up to date first (a job's child process,
+    whose worker already did, skips it)."""
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: explicit BEGIN IMMEDIATE where a read-modify-write needs it.
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
+    def __init__(self, url: Path | str, *, pool_size: int = 4, migrate: bool = True):
+        self.url = db.database_url(url)
+        self.engine = db.make_engine(self.url, pool_size=pool_size)
+        self._for_update = " FOR UPDATE" if db.is_postgres(self.engine) else ""
+        if migrate:
+            db.migrate(self.engine)
 
-    def _one(self, sql: str, args=()) -> Job | None:
-        row = self._conn().execute(sql, args).fetchone()
-        return _row_to_job(row) if row else None
+    def __repr__(self) -> str:
+        return f"JobStore({db.redact(self.url)})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """A read-modify-write transaction (SQLite takes its write lock at BEGIN)."""
+        with self.engine.connect() as c:
+            c.execution_options(immediate=True)
+            with c.begin():
+                yield c
+
+    def _rows(self, sql: str, args: dict | None = None) -> list[sa.Row]:
+        with self.engine.connect() as c:
+            return c.execute(sa.text(sql), args or {}).fetchall()
+
+    def _one(self, sql: str, args: dict) -> Job | None:
+        rows = self._rows(sql, args)
+        return _row_to_job(rows[0]) if rows else None
+
+    @staticmethod
+    def _event(c: sa.Connection, job_id: str, type: str, data: dict, ts: float | None = None) -> None:
+        c.execute(sa.text("INSERT INTO events (job_id, ts, type, data) VALUES (:j, :ts, :t, :d)"),
+                  {"j": job_id, "ts": time.time() if ts is None else ts, "t": type, "d": json.dumps(data)})
+
+    def _next_seq(self, c: sa.Connection) -> int:
+        sql = "SELECT nextval('jobs_seq')" if self._for_update else "SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs"
+        return c.execute(sa.text(sql)).scalar_one()
 
     # ---- creation and reads ----
     def create(self, team: str, kind: str, params: dict, *, max_attempts: int = 2,
@@ -119,171 +125,158 @@ class JobStore:
         ``request_id`` (the HTTP request that submitted it) is recorded in the job's first event."""
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
         try:
-            if idempotency_key is not None:
-                old = self._one("SELECT * FROM jobs WHERE team=? AND idempotency_key=?", (team, idempotency_key))
+            with self._write() as c:
+                old = self._by_key(c, team, idempotency_key)
                 if old is not None:
-                    c.execute("COMMIT")
-                    if old.request_hash != request_hash:
-                        raise IdempotencyConflict(
-                            "this Idempotency-Key was already used with a different request; use a new key")
-                    return old, False
-            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            job = Job(id=uuid.uuid4().hex, team=team, kind=kind, state=QUEUED, params=params,
-                      created_at=time.time(), max_attempts=max_attempts, idempotency_key=idempotency_key,
-                      request_hash=request_hash, seq=seq)
-            c.execute("INSERT INTO jobs (id, team, kind, state, params, created_at, max_attempts, idempotency_key,"
-                      " request_hash, seq) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (job.id, team, kind, QUEUED, json.dumps(params), job.created_at, max_attempts,
-                       idempotency_key, request_hash, seq))
-            c.execute("INSERT INTO events (job_id, ts, type, data) VALUES (?,?,?,?)",
-                      (job.id, job.created_at, "state",
-                       json.dumps({"state": QUEUED, **({"request_id": request_id} if request_id else {})})))
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
+                    return _replay(old, request_hash), False
+                job = Job(id=uuid.uuid4().hex, team=team, kind=kind, state=QUEUED, params=params,
+                          created_at=time.time(), max_attempts=max_attempts, idempotency_key=idempotency_key,
+                          request_hash=request_hash, seq=self._next_seq(c))
+                c.execute(sa.text(
+                    "INSERT INTO jobs (id, team, kind, state, params, created_at, max_attempts, idempotency_key,"
+                    " request_hash, seq) VALUES (:id, :team, :kind, :state, :params, :created_at, :max_attempts,"
+                    " :idempotency_key, :request_hash, :seq)"), {**asdict(job), "params": json.dumps(params)})
+                self._event(c, job.id, "state", {"state": QUEUED, **({"request_id": request_id} if request_id else {})},
+                            job.created_at)
+        except sa.exc.IntegrityError:  # a concurrent create with the same key committed first
+            old = self.list_by_key(team, idempotency_key) if idempotency_key is not None else None
+            if old is None:
+                raise
+            return _replay(old, request_hash), False
         return job, True
+
+    def _by_key(self, c: sa.Connection, team: str, key: str | None) -> Job | None:
+        if key is None:
+            return None
+        row = c.execute(sa.text("SELECT * FROM jobs WHERE team=:team AND idempotency_key=:key"),
+                        {"team": team, "key": key}).first()
+        return _row_to_job(row) if row else None
 
     def get(self, job_id: str, team: str | None = None) -> Job | None:
         if team is None:
-            return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
-        return self._one("SELECT * FROM jobs WHERE id=? AND team=?", (job_id, team))
+            return self._one("SELECT * FROM jobs WHERE id=:id", {"id": job_id})
+        return self._one("SELECT * FROM jobs WHERE id=:id AND team=:team", {"id": job_id, "team": team})
 
     def list_by_key(self, team: str, key: str) -> Job | None:
         """The job a team created with this Idempotency-Key, if any."""
-        return self._one("SELECT * FROM jobs WHERE team=? AND idempotency_key=?", (team, key))
+        return self._one("SELECT * FROM jobs WHERE team=:team AND idempotency_key=:key", {"team": team, "key": key})
 
     def list(self, team: str, *, kind: str | None = None, state: str | None = None,
              limit: int = 50, before_seq: int | None = None) -> list[Job]:
         """Newest first; page with ``before_seq`` = the last job's ``seq``."""
-        sql, args = "SELECT * FROM jobs WHERE team=?", [team]
-        if kind:
-            sql, args = sql + " AND kind=?", args + [kind]
-        if state:
-            sql, args = sql + " AND state=?", args + [state]
-        if before_seq is not None:
-            sql, args = sql + " AND seq<?", args + [before_seq]
-        rows = self._conn().execute(sql + " ORDER BY seq DESC LIMIT ?", args + [limit]).fetchall()
-        return [_row_to_job(r) for r in rows]
+        sql, args = "SELECT * FROM jobs WHERE team=:team", {"team": team, "limit": limit}
+        for col, op, value in (("kind", "=", kind), ("state", "=", state), ("seq", "<", before_seq)):
+            if value is not None and value != "":
+                sql, args[col] = sql + f" AND {col}{op}:{col}", value
+        return [_row_to_job(r) for r in self._rows(sql + " ORDER BY seq DESC LIMIT :limit", args)]
 
     def count_active(self, team: str) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE team=? AND state IN (?,?)",
-                                    (team, QUEUED, RUNNING)).fetchone()[0]
+        return self._rows("SELECT COUNT(*) FROM jobs WHERE team=:team AND state IN (:q, :r)",
+                          {"team": team, "q": QUEUED, "r": RUNNING})[0][0]
 
     def counts(self) -> dict[tuple[str, str], int]:
-        rows = self._conn().execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state").fetchall()
-        return {(k, s): n for k, s, n in rows}
+        return {(k, s): n for k, s, n in self._rows("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")}
 
     def finished_timings(self, since: float = 0.0) -> list[tuple[str, str, float, float]]:
         """(kind, state, queue wait, run duration) of finished jobs that ran."""
-        rows = self._conn().execute(
+        rows = self._rows(
             "SELECT kind, state, started_at - created_at, finished_at - started_at FROM jobs"
-            " WHERE finished_at IS NOT NULL AND started_at IS NOT NULL AND finished_at >= ?", (since,)).fetchall()
+            " WHERE finished_at IS NOT NULL AND started_at IS NOT NULL AND finished_at >= :since", {"since": since})
         return [tuple(r) for r in rows]
 
     # ---- events ----
     def add_event(self, job_id: str, type: str, data: dict) -> None:
-        self._conn().execute("INSERT INTO events (job_id, ts, type, data) VALUES (?,?,?,?)",
-                             (job_id, time.time(), type, json.dumps(data)))
+        with self._write() as c:
+            c.execute(sa.text(f"SELECT id FROM jobs WHERE id=:id{self._for_update}"), {"id": job_id})
+            self._event(c, job_id, type, data)
 
     def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[dict]:
-        rows = self._conn().execute("SELECT seq, ts, type, data FROM events WHERE job_id=? AND seq>?"
-                                    " ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+        rows = self._rows("SELECT seq, ts, type, data FROM events WHERE job_id=:j AND seq>:after"
+                          " ORDER BY seq LIMIT :limit", {"j": job_id, "after": after, "limit": limit})
         return [{"seq": s, "ts": ts, "type": t, **json.loads(d)} for s, ts, t, d in rows]
 
     # ---- transitions ----
-    def _transition(self, job_id: str, new: str, where: str, args: tuple, sets: str = "", set_args: tuple = (),
+    def _transition(self, job_id: str, new: str, where: str, args: dict, sets: str = "",
                     event: dict | None = None) -> bool:
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            row = c.execute(f"SELECT state FROM jobs WHERE id=? AND ({where})", (job_id, *args)).fetchone()
+        with self._write() as c:
+            row = c.execute(sa.text(f"SELECT state FROM jobs WHERE id=:id AND ({where}){self._for_update}"),
+                            {"id": job_id, **args}).first()
             if row is None or new not in _allowed(row[0]):
-                c.execute("COMMIT")
                 return False
-            c.execute(f"UPDATE jobs SET state=?{sets} WHERE id=?", (new, *set_args, job_id))
-            c.execute("INSERT INTO events (job_id, ts, type, data) VALUES (?,?,?,?)",
-                      (job_id, time.time(), "state", json.dumps({"state": new, **(event or {})})))
-            c.execute("COMMIT")
-            return True
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
+            c.execute(sa.text(f"UPDATE jobs SET state=:new{sets} WHERE id=:id"), {"id": job_id, "new": new, **args})
+            self._event(c, job_id, "state", {"state": new, **(event or {})})
+        return True
 
     def mark_dispatched(self, job_id: str) -> int | None:
         """Bump the dispatch token of a queued job before (re)publishing it; older messages become stale."""
-        c = self._conn()
-        cur = c.execute("UPDATE jobs SET dispatch=dispatch+1, dispatched_at=? WHERE id=? AND state=?"
-                        " RETURNING dispatch", (time.time(), job_id, QUEUED))
-        row = cur.fetchone()
-        cur.close()
+        with self._write() as c:
+            row = c.execute(sa.text("UPDATE jobs SET dispatch=dispatch+1, dispatched_at=:now WHERE id=:id"
+                                    " AND state=:q RETURNING dispatch"),
+                            {"now": time.time(), "id": job_id, "q": QUEUED}).first()
         return row[0] if row else None
 
     def claim(self, job_id: str, dispatch: int, worker: str, pid: int | None = None) -> Job | None:
         """queued -> running for the holder of the current dispatch token; None if stale or done."""
-        now = time.time()
-        ok = self._transition(job_id, RUNNING, "state=? AND dispatch=? AND cancel_requested=0 AND attempts<max_attempts",
-                              (QUEUED, dispatch), ", attempts=attempts+1, started_at=?, heartbeat_at=?, worker=?, pid=?,"
-                              " error=NULL", (now, now, worker, pid), {"worker": worker})
+        ok = self._transition(job_id, RUNNING, "state=:old AND dispatch=:dispatch AND cancel_requested=0"
+                              " AND attempts<max_attempts",
+                              {"old": QUEUED, "dispatch": dispatch, "now": time.time(), "worker": worker, "pid": pid},
+                              ", attempts=attempts+1, started_at=:now, heartbeat_at=:now, worker=:worker, pid=:pid,"
+                              " error=NULL", {"worker": worker})
         return self.get(job_id) if ok else None
+
+    def _update_running(self, job_id: str, attempt: int, sets: str, args: dict, event: dict | None = None) -> bool:
+        """An UPDATE of a running job that only the owning attempt may make, with an optional progress event."""
+        with self._write() as c:
+            n = c.execute(sa.text(f"UPDATE jobs SET {sets} WHERE id=:id AND state=:r AND attempts=:attempt"),
+                          {"id": job_id, "r": RUNNING, "attempt": attempt, **args}).rowcount
+            if n and event is not None:
+                self._event(c, job_id, "progress", event)
+        return bool(n)
 
     def heartbeat(self, job_id: str, attempt: int, pid: int | None = None) -> Job | None:
         """Refresh the heartbeat; returns the job, or None once this attempt no longer owns it."""
-        c = self._conn()
-        cur = c.execute("UPDATE jobs SET heartbeat_at=?, pid=COALESCE(?, pid) WHERE id=? AND state=? AND attempts=?",
-                        (time.time(), pid, job_id, RUNNING, attempt))
-        n = cur.rowcount
-        cur.close()
-        return self.get(job_id) if n else None
+        ok = self._update_running(job_id, attempt, "heartbeat_at=:now, pid=COALESCE(:pid, pid)",
+                                  {"now": time.time(), "pid": pid})
+        return self.get(job_id) if ok else None
 
     def set_progress(self, job_id: str, attempt: int, progress: dict, *, event: bool = True) -> bool:
-        c = self._conn()
-        cur = c.execute("UPDATE jobs SET progress=?, heartbeat_at=? WHERE id=? AND state=? AND attempts=?",
-                        (json.dumps(progress), time.time(), job_id, RUNNING, attempt))
-        n = cur.rowcount
-        cur.close()
-        if n and event:
-            self.add_event(job_id, "progress", progress)
-        return bool(n)
+        return self._update_running(job_id, attempt, "progress=:p, heartbeat_at=:now",
+                                    {"p": json.dumps(progress), "now": time.time()}, progress if event else None)
 
     def finish(self, job_id: str, attempt: int, state: str, *, result: dict | None = None,
                error: str | None = None) -> bool:
         """running -> succeeded/failed/cancelled, only for the attempt that owns the job."""
         if state not in (SUCCEEDED, FAILED, CANCELLED):
             raise ValueError(f"{state} is not a terminal state")
-        return self._transition(job_id, state, "state=? AND attempts=?", (RUNNING, attempt),
-                                ", finished_at=?, result=?, error=?",
-                                (time.time(), json.dumps(result) if result is not None else None, error),
-                                {"error": error} if error else None)
+        return self._transition(job_id, state, "state=:old AND attempts=:attempt",
+                                {"old": RUNNING, "attempt": attempt, "now": time.time(), "error": error,
+                                 "result": json.dumps(result) if result is not None else None},
+                                ", finished_at=:now, result=:result, error=:error", {"error": error} if error else None)
 
     def request_cancel(self, job_id: str, team: str) -> Job | None:
         """Queued jobs are cancelled at once; running ones get a flag their worker acts on."""
-        self._transition(job_id, CANCELLED, "team=? AND state=?", (team, QUEUED),
-                         ", cancel_requested=1, finished_at=?", (time.time(),))
-        self._conn().execute("UPDATE jobs SET cancel_requested=1 WHERE id=? AND team=? AND state=?",
-                             (job_id, team, RUNNING))
+        self._transition(job_id, CANCELLED, "team=:team AND state=:old", {"team": team, "old": QUEUED, "now": time.time()},
+                         ", cancel_requested=1, finished_at=:now")
+        with self._write() as c:
+            c.execute(sa.text("UPDATE jobs SET cancel_requested=1 WHERE id=:id AND team=:team AND state=:r"),
+                      {"id": job_id, "team": team, "r": RUNNING})
         return self.get(job_id, team)
 
     def fail_queued(self, job_id: str, error: str) -> bool:
-        return self._transition(job_id, FAILED, "state=?", (QUEUED,), ", finished_at=?, error=?",
-                                (time.time(), error), {"error": error})
+        return self._transition(job_id, FAILED, "state=:old", {"old": QUEUED, "now": time.time(), "error": error},
+                                ", finished_at=:now, error=:error", {"error": error})
 
     # ---- recovery (the reaper) ----
     def stale_running(self, older_than: float) -> list[Job]:
-        rows = self._conn().execute("SELECT * FROM jobs WHERE state=? AND heartbeat_at < ?",
-                                    (RUNNING, time.time() - older_than)).fetchall()
+        rows = self._rows("SELECT * FROM jobs WHERE state=:r AND heartbeat_at < :t",
+                          {"r": RUNNING, "t": time.time() - older_than})
         return [_row_to_job(r) for r in rows]
 
     def undispatched(self, older_than: float) -> list[Job]:
         """Queued jobs published more than ``older_than`` seconds ago (or never)."""
-        rows = self._conn().execute(
-            "SELECT * FROM jobs WHERE state=? AND COALESCE(dispatched_at, 0) < ? ORDER BY seq",
-            (QUEUED, time.time() - older_than)).fetchall()
+        rows = self._rows("SELECT * FROM jobs WHERE state=:q AND COALESCE(dispatched_at, 0) < :t ORDER BY seq",
+                          {"q": QUEUED, "t": time.time() - older_than})
         return [_row_to_job(r) for r in rows]
 
     def recover_lost(self, job: Job, reason: str, *, error: str | None = None,
@@ -294,26 +287,56 @@ class JobStore:
         ``event`` is recorded with the re-queue (see ``retries``). Returns the new state, or None
         if the job moved on meanwhile (the attempt number fences this like any other write).
         """
+        fence = "state=:old AND attempts=:attempt"
+        args = {"old": RUNNING, "attempt": job.attempts, "now": time.time()}
         if job.cancel_requested:
-            ok = self._transition(job.id, CANCELLED, "state=? AND attempts=?", (RUNNING, job.attempts),
-                                  ", finished_at=?", (time.time(),), {"reason": reason})
+            ok = self._transition(job.id, CANCELLED, fence, args, ", finished_at=:now", {"reason": reason})
             return CANCELLED if ok else None
         if job.attempts < job.max_attempts:
-            ok = self._transition(job.id, QUEUED, "state=? AND attempts=?", (RUNNING, job.attempts),
-                                  ", dispatched_at=NULL, worker=NULL, pid=NULL, progress=NULL", (),
+            ok = self._transition(job.id, QUEUED, fence, args,
+                                  ", dispatched_at=NULL, worker=NULL, pid=NULL, progress=NULL",
                                   {"reason": reason, **(event or {})})
             return QUEUED if ok else None
         error = error or f"{reason}; gave up after {job.attempts} attempt(s)"
-        ok = self._transition(job.id, FAILED, "state=? AND attempts=?", (RUNNING, job.attempts),
-                              ", finished_at=?, error=?", (time.time(), error), {"error": error})
+        ok = self._transition(job.id, FAILED, fence, {**args, "error": error}, ", finished_at=:now, error=:error",
+                              {"error": error})
         return FAILED if ok else None
-
 
     def retries(self, job_id: str) -> list[dict]:
         """The re-queue events of a job, oldest first: one per attempt that ended without an outcome."""
-        rows = self._conn().execute("SELECT data FROM events WHERE job_id=? AND type='state' ORDER BY seq",
-                                    (job_id,)).fetchall()
+        rows = self._rows("SELECT data FROM events WHERE job_id=:j AND type='state' ORDER BY seq", {"j": job_id})
         return [d for d in (json.loads(r[0]) for r in rows) if d.get("state") == QUEUED and "reason" in d]
+
+    # ---- leases: one holder at a time of a duty shared by several processes (the reaper) ----
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew lease ``name`` for ``ttl_s`` seconds; False while another holder's is unexpired."""
+        now = time.time()
+        args = {"name": name, "holder": holder, "until": now + ttl_s}
+        try:
+            with self._write() as c:
+                row = c.execute(sa.text(f"SELECT holder, expires_at FROM leases WHERE name=:name{self._for_update}"),
+                                args).first()
+                if row is None:
+                    c.execute(sa.text("INSERT INTO leases (name, holder, expires_at) VALUES (:name, :holder, :until)"),
+                              args)
+                elif row.holder == holder or row.expires_at < now:
+                    c.execute(sa.text("UPDATE leases SET holder=:holder, expires_at=:until WHERE name=:name"), args)
+                else:
+                    return False
+        except sa.exc.IntegrityError:  # another process inserted it first
+            return False
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._write() as c:
+            c.execute(sa.text("DELETE FROM leases WHERE name=:name AND holder=:holder"), {"name": name, "holder": holder})
+
+
+def _replay(old: Job, request_hash: str | None) -> Job:
+    """The job an Idempotency-Key already names, if the request is the same one."""
+    if old.request_hash != request_hash:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different request; use a new key")
+    return old
 
 
 def _allowed(state: str) -> set[str]:
@@ -324,4 +347,3 @@ def _allowed(state: str) -> set[str]:
 
 __all__ = ["Job", "JobStore", "IdempotencyConflict", "STATES", "TERMINAL", "ACTIVE", "QUEUED", "RUNNING",
            "SUCCEEDED", "FAILED", "CANCELLED", "check_transition"]
-

@@ -46,7 +46,9 @@ def make_celery(broker_url: str, *, visibility_timeout: int = 3600) -> Celery:
         # Publishing must not hang a request while Redis is down: the reaper re-publishes later.
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
-        worker_hijack_root_logger=False, worker_send_task_events=False, task_send_sent_event=False,
+        # task events (received, started, succeeded, failed) for Flower or `celery events`; without a
+        # listener they go nowhere (a Redis pub/sub fanout), so they cost no memory
+        worker_hijack_root_logger=False, worker_send_task_events=True, task_send_sent_event=True,
         broker_pool_limit=4,
     )
     return app

@@ -35,3 +35,11 @@ class KVCache:
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()
+
+
+class CacheRows(KVCache):
+    """Rows [lo, hi) of a cache, as views (writes land in the parent)."""
+
+    def __init__(self, parent: KVCache, lo: int, hi: int):
+        self.k, self.v = parent.k[:, lo:hi], parent.v[:, lo:hi]
+        self.batch, self.max_seq = hi - lo, parent.max_seq

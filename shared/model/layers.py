@@ -16,7 +16,7 @@ from torch import nn
 
 from shared.config import ModelConfig
 from shared.model.kv_cache import KVCache
-from shared.model.rope import apply_rope
+from shared.model.ops import EAGER, Ops, rms_norm
 from shared.parallel.comm import reduce_from_tp
 from shared.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -39,10 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, cast back before the scale (HF's order, so bf16 matches too)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -57,29 +54,34 @@ class SelfAttention(nn.Module):
                                     dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, layer: int, position_ids, cache: KVCache | None, kv_len: int | None,
-                cache_rows: torch.Tensor | None, mask: torch.Tensor | None = None):
+                cache_rows: torch.Tensor | None, mask: torch.Tensor | None = None, ops: Ops = EAGER):
         B, S, _ = x.shape
         qkv = self.linear_qkv(x).view(B, S, self.groups, self.r + 2, self.d)  # group-major
         q = qkv[:, :, :, : self.r].reshape(B, S, self.groups * self.r, self.d)
         k, v = qkv[:, :, :, self.r], qkv[:, :, :, self.r + 1]  # (B, S, n_kv, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = q.transpose(1, 2)  # (B, n_q, S, d)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=S > 1, enable_gqa=True)
         else:
-            cache.write(layer, k, v, position_ids, cache_rows)
+            if cache_rows is None:
+                q = ops.rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], position_ids)
+            else:
+                q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+                cache.write(layer, k, v, position_ids, cache_rows)
             keys, values = cache.read(layer, kv_len, cache_rows)  # (B, n_kv, kv_len, d)
             if mask is None:
-                mask = cache_mask(position_ids, kv_len)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+                mask = cache_mask(position_ids, kv_len, q.dtype)
+            return self.linear_proj(ops.attention(q, keys, values, mask))
         return self.linear_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-def cache_mask(position_ids: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """(B, 1, S, kv_len) bool: a query at position p sees cache slots <= p."""
+def cache_mask(position_ids: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, S, kv_len) additive mask in ``dtype`` (0 or -inf), made once per step for every
+    layer: a query at position p sees cache slots <= p."""
     slots = torch.arange(kv_len, device=position_ids.device)
-    return (slots.view(1, 1, kv_len) <= position_ids.unsqueeze(-1)).unsqueeze(1)
+    hidden = (slots.view(1, 1, kv_len) > position_ids.unsqueeze(-1)).unsqueeze(1)
+    return torch.zeros(hidden.shape, dtype=dtype, device=position_ids.device).masked_fill_(hidden, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -89,9 +91,8 @@ class MLP(nn.Module):
                                       dtype=dtype, device=device)
         self.linear_fc2 = impl.row(cfg.intermediate_size, cfg.hidden_size, group=group, dtype=dtype, device=device)
 
-    def forward(self, x):
-        gate, up = self.linear_fc1(x).chunk(2, dim=-1)  # [gate_t ; up_t] per rank
-        return self.linear_fc2(F.silu(gate) * up)
+    def forward(self, x, ops: Ops = EAGER):
+        return self.linear_fc2(ops.swiglu(self.linear_fc1(x)))  # [gate_t ; up_t] per rank
 
 
 class TransformerLayer(nn.Module):
@@ -102,12 +103,14 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, group, impl, dtype, device)
 
-    def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows, mask=None):
+    def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows, mask=None, ops: Ops = EAGER):
         if cache is not None and cache_rows is None and self._native_decode(x):
             return self._decode_native(x, cos, sin, layer, position_ids, cache)
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layer, position_ids, cache, kv_len,
-                                    cache_rows, mask)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        n1, n2 = self.input_layernorm, self.pre_mlp_layernorm
+        a = self.self_attention(ops.rms_norm(x, n1.weight, n1.eps), cos, sin, layer, position_ids, cache, kv_len,
+                                cache_rows, mask, ops)
+        x, h = ops.add_rms_norm(x, a, n2.weight, n2.eps)
+        return x + self.mlp(h, ops)
 
     # ---- the CPU decode step in two native calls (shared.kernels) -----------------------------
     def _native_decode(self, x: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from shared.config import ModelConfig
 from shared.model.kv_cache import KVCache
 from shared.model.layers import IMPLS, RMSNorm, TransformerLayer, cache_mask
+from shared.model.ops import EAGER
 from shared.model.rope import cos_sin, inv_frequencies
 from shared.parallel.layers import (VocabParallelEmbedding, gather_logits, vocab_parallel_cross_entropy,
                                     vocab_parallel_logits)
@@ -56,6 +57,7 @@ class LlamaStage(nn.Module):
             self.output_layer.weight = nn.Parameter(
                 torch.empty(self.padded_vocab // tp, cfg.hidden_size, dtype=dtype, device=device))
         self.register_buffer("inv_freq", inv_frequencies(cfg).to(device), persistent=False)
+        self.ops = EAGER  # the layers' elementwise functions (``shared.model.ops``): eager or compiled
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,12 +75,14 @@ class LlamaStage(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 kv_len: int | None = None, cache_rows: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:
+                labels: torch.Tensor | None = None, gather: bool = True,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Input ids (B, S) on the first stage, hidden (B, S, h) elsewhere.
 
         Returns hidden (B, S, h) on inner stages; on the last stage per-token loss (B, S) when
         ``labels`` are given, else logits (B, S, V) gathered over TP (``gather=False``: this
-        rank's vocab slice, padding at -inf). With a cache, tokens are written at slots
+        rank's vocab slice, padding at -inf); ``logits_at`` (B,) column indices: logits
+        (B, 1, V) of those positions only. With a cache, tokens are written at slots
         ``position_ids`` and attend to slots < ``kv_len`` (default: max position + 1).
         """
         B, S = x.shape[:2]
@@ -92,19 +96,22 @@ class LlamaStage(nn.Module):
             h = self._native_decoder()(h.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.k, cache.v,
                                        position_ids.reshape(B)).view(B, 1, -1)
             return self._finish(h, labels, gather)
-        mask = cache_mask(position_ids, kv_len) if cache is not None else None  # shared by all layers
+        mask = cache_mask(position_ids, kv_len, h.dtype) if cache is not None else None  # shared by all layers
         for i, layer in enumerate(self.decoder.layers):
             if self.recompute and self.training:
-                h = checkpoint(layer, h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask,
+                h = checkpoint(layer, h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask, self.ops,
                                use_reentrant=False)
             else:
-                h = layer(h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask)
+                h = layer(h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask, self.ops)
+        if logits_at is not None and self.ctx.is_last_stage:
+            h = h[torch.arange(B, device=h.device), logits_at].unsqueeze(1)
         return self._finish(h, labels, gather)
 
     def _finish(self, h: torch.Tensor, labels: torch.Tensor | None, gather: bool) -> torch.Tensor:
         if not self.ctx.is_last_stage:
             return h
-        h = self.decoder.final_layernorm(h)
+        norm = self.decoder.final_layernorm
+        h = self.ops.rms_norm(h, norm.weight, norm.eps)
         local = vocab_parallel_logits(h, self.output_weight(), self.cfg.vocab_size, self.ctx.tp_group)
         if labels is not None:
             return vocab_parallel_cross_entropy(local, labels, self.ctx.tp_group)

@@ -1,4 +1,4 @@
-"""Autograd-aware collectives for tensor parallelism (Megatron's f/g operators) and PP p2p."""
+"""Autograd-aware collectives for tensor parallelism (Megatron's f/g operators); PP transfers are in p2p.py."""
 
 from __future__ import annotations
 
@@ -66,12 +66,3 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
 
-
-def send(x: torch.Tensor, dst: int) -> None:
-    dist.send(x.contiguous(), dst)
-
-
-def recv(shape, dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
-    buf = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(buf, src)
-    return buf

@@ -4,6 +4,11 @@
 group; each ``run(dims, fn, *args)`` builds (once, then cached) the TP/PP/DP groups of
 ``dims`` on the first ``dims.world_size`` workers and calls ``fn(ctx, *args)`` on each of them.
 A model can therefore be loaded once and serve many calls (state kept in ``worker_state()``).
+
+On CUDA (NCCL) rank r runs on ``devices[r]`` of the pool's explicit device list
+(``shared.parallel.devices``); a pool larger than its list is refused before anything starts.
+``p2p_check_s`` turns on the point-to-point rendezvous check of ``shared.parallel.p2p`` in
+every rank (gloo), for tests that must fail where NCCL would hang.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shared.parallel import p2p
+from shared.parallel.devices import DeviceError, assign_devices, visible_devices
 from shared.parallel.dims import ParallelDims
 from shared.parallel.state import ParallelContext, build_groups
 
@@ -45,15 +52,18 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _worker(rank: int, world: int, backend: str, port: int, inbox, outbox, threads: int, timeout_s: float) -> None:
+def _worker(rank: int, world: int, backend: str, port: int, inbox, outbox, threads: int, timeout_s: float,
+            device_index: int | None, p2p_check_s: float | None) -> None:
     torch.set_num_threads(threads)
+    p2p.set_rendezvous(p2p_check_s)
+    device = torch.device("cpu")
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device_index)
+        device = torch.device("cuda", device_index)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+    # one collective over every rank first: NCCL then never meets a batched p2p as a group's first call
+    dist.all_reduce(torch.zeros(1, device=device))
     contexts: dict[ParallelDims, ParallelContext | None] = {}
     outbox.put((rank, True, "ready"))
     parent = os.getppid()
@@ -79,17 +89,28 @@ def _worker(rank: int, world: int, backend: str, port: int, inbox, outbox, threa
 
 
 class ProcessGroupPool:
-    def __init__(self, world_size: int, backend: str | None = None, threads: int = 1, timeout_s: float = 300.0):
+    def __init__(self, world_size: int, backend: str | None = None, threads: int = 1, timeout_s: float = 300.0,
+                 devices=None, p2p_check_s: float | None = None):
+        """``devices``: the CUDA ordinals this pool may use (default: every visible one); rank r
+        runs on the r-th. Ignored by gloo (CPU)."""
         self.world_size = world_size
         self.backend = backend or default_backend()
         self.timeout_s = timeout_s
+        if self.backend == "nccl":
+            chosen = assign_devices(world_size, visible_devices() if devices is None else devices,
+                                    f"a process group of {world_size} ranks")
+            if p2p_check_s is not None:
+                raise DeviceError("the point-to-point check runs on gloo; start the pool with backend='gloo'")
+        else:
+            chosen = (None,) * world_size
+        self.devices = tuple(d for d in chosen if d is not None)
         ctx = mp.get_context("spawn")
         port = free_port()
         self._inboxes = [ctx.Queue() for _ in range(world_size)]
         self._outbox = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
                                    args=(r, world_size, self.backend, port, self._inboxes[r], self._outbox,
-                                         threads, timeout_s))
+                                         threads, timeout_s, chosen[r], p2p_check_s))
                        for r in range(world_size)]
         for p in self._procs:
             p.start()
@@ -154,9 +175,9 @@ class ProcessGroupPool:
 
 
 def launch(dims: ParallelDims, fn: Callable[..., Any], *args: Any, backend: str | None = None,
-           timeout_s: float = 600.0) -> list[Any]:
+           timeout_s: float = 600.0, devices=None) -> list[Any]:
     """One-shot: start ``dims.world_size`` processes, run ``fn(ctx, *args)`` on each, shut down."""
-    with ProcessGroupPool(dims.world_size, backend, timeout_s=timeout_s) as pool:
+    with ProcessGroupPool(dims.world_size, backend, timeout_s=timeout_s, devices=devices) as pool:
         return pool.run(dims, fn, *args)
 
 

@@ -86,18 +86,26 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if _tp_size(self.group) == 1:
             return embedding(ids, self.weight)
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.per_rank)
-        out = embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.group)
+        return reduce_from_tp(masked_embedding(ids, self.weight, self.start, self.per_rank), self.group)
+
+
+def masked_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """The rows of ``weight`` (vocab ids [start, start + rows)) for ``ids`` in that range; zeros elsewhere."""
+    local = ids - start
+    outside = (local < 0) | (local >= rows)
+    out = embedding(local.masked_fill(outside, 0), weight)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, true_vocab: int, group=None) -> torch.Tensor:
     """This rank's logit columns [.., Vp/T], with padded-vocab columns masked to -inf."""
     logits = linear(copy_to_tp(x, group), weight)
+    return mask_vocab_padding(logits, _tp_rank(group) * logits.shape[-1], true_vocab)
+
+
+def mask_vocab_padding(logits: torch.Tensor, start: int, true_vocab: int) -> torch.Tensor:
+    """Logit columns of vocab ids [start, start + cols) with the padded ids (>= ``true_vocab``) at -inf."""
     rows = logits.shape[-1]
-    start = _tp_rank(group) * rows
     if start + rows > true_vocab:
         cols = torch.arange(start, start + rows, device=logits.device)
         logits = logits.masked_fill(cols >= true_vocab, float("-inf"))

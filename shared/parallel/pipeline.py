@@ -1,4 +1,9 @@
-"""Pipeline parallelism: activations passed point-to-point between consecutive stages."""
+"""Pipeline parallelism: activations passed point-to-point between consecutive stages.
+
+Every transfer is a batch of ``shared.parallel.p2p`` (NCCL-safe); in these schedules each
+stage only receives from one side and sends to the other at a time, so no two neighbours
+ever send to each other at once.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from shared.model.transformer import LlamaStage
-from shared.parallel.comm import recv, send
+from shared.parallel.p2p import recv, send
 from shared.parallel.state import ParallelContext
 
 

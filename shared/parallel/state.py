@@ -20,6 +20,9 @@ class ParallelContext:
     tp_group: Any = None
     pp_group: Any = None
     dp_group: Any = None
+    # the first and last stage of this rank's pipeline (PP > 1, those two stages only): the
+    # tied embedding's gradient is all-reduced over it, as Megatron's embedding group
+    embedding_group: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # global ranks of this rank's pipeline peers, indexed by pp_rank
     pp_ranks: tuple[int, ...] = (0,)
@@ -69,7 +72,8 @@ def build_groups(dims: ParallelDims, rank: int, device: torch.device, ranks: lis
     """Create the TP, PP and DP groups of ``dims`` over the global ranks ``ranks`` (default 0..world-1).
 
     Every process of the default group must call this with the same arguments (new_group is
-    collective); a process outside ``ranks`` gets ``None``.
+    collective); a process outside ``ranks`` gets ``None``. With PP > 1 there is also one
+    embedding group per (tp, dp) of the first and the last stage.
     """
     ranks = list(range(dims.world_size)) if ranks is None else ranks
     dims.check_world(len(ranks))
@@ -94,7 +98,12 @@ def build_groups(dims: ParallelDims, rank: int, device: torch.device, ranks: lis
     for p in range(dims.pp):
         for t in range(dims.tp):
             make([dims.rank(t, p, d) for d in range(dims.dp)], "dp")
+    if dims.pp > 1:
+        for t in range(dims.tp):
+            for d in range(dims.dp):
+                make([dims.rank(t, 0, d), dims.rank(t, dims.pp - 1, d)], "embedding")
     if local is None:
         return None  # type: ignore[return-value]
     return ParallelContext(dims=dims, rank=local, tp_group=mine["tp"], pp_group=mine["pp"],
-                           dp_group=mine["dp"], device=device, pp_ranks=pp_ranks)
+                           dp_group=mine["dp"], embedding_group=mine.get("embedding"), device=device,
+                           pp_ranks=pp_ranks)

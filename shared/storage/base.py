@@ -25,6 +25,20 @@ class ObjectInfo:
     size: int
 
 
+class DirectTransferUnsupported(StorageError):
+    """This store cannot hand out URLs for clients to move bytes themselves (a local directory)."""
+
+
+@dataclass(frozen=True)
+class DirectUpload:
+    """Where a client sends one object's bytes itself: one presigned ``PUT`` URL per part, in
+    order (``upload_id`` is the store's multipart upload; ``None`` for a single ``PUT``)."""
+    key: str
+    upload_id: str | None
+    part_size: int
+    urls: tuple[str, ...]
+
+
 def check_key(key: str) -> str:
     """Keys are relative, '/'-separated, without '..' or empty parts (no escaping the root)."""
     if not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
@@ -78,3 +92,23 @@ class ObjectStore(ABC):
     def ping(self) -> None:
         """Raise if the store cannot be reached."""
         self.exists("ping-probe")
+
+    # ---- direct transfers (clients move the bytes; the service only signs) ----
+    def size(self, key: str) -> int:
+        for o in self.list(key):
+            if o.key == key:
+                return o.size
+        raise ObjectNotFound(key)
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        raise DirectTransferUnsupported("this object store cannot sign download URLs")
+
+    def start_direct_upload(self, key: str, size: int, expires_s: int) -> DirectUpload:
+        raise DirectTransferUnsupported("this object store cannot sign upload URLs")
+
+    def finish_direct_upload(self, upload: DirectUpload) -> None:
+        """Make the uploaded parts the object (raises StorageError if parts are missing)."""
+        raise DirectTransferUnsupported("this object store cannot sign upload URLs")
+
+    def abort_direct_upload(self, upload: DirectUpload) -> None:
+        raise DirectTransferUnsupported("this object store cannot sign upload URLs")

@@ -100,8 +100,11 @@ class CheckpointStore:
         self.store = store
         self.prefix = prefix
 
-    def _key(self, team: str, name: str, rel: str = "") -> str:
+    def key(self, team: str, name: str, rel: str = "") -> str:
+        """The object key of ``rel`` in ``team/name`` (also for presigned downloads)."""
         return f"{self.prefix}/{check_name(team, 'team')}/{check_name(name)}/{rel}"
+
+    _key = key
 
     # ---- writing ----
     def commit(self, team: str, name: str, src: Path, *, meta: dict | None = None, source_manifest: bool = False,

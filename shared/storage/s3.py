@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, unquote, urlparse
@@ -9,7 +10,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from minio import Minio
 from minio.error import S3Error
 
-from .base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, check_key
+from .base import DirectUpload, ObjectInfo, ObjectNotFound, ObjectStore, StorageError, check_key
 
 MIN_PART = 5 * 1024 * 1024  # the S3 minimum for all parts but the last
 
@@ -19,13 +20,19 @@ class S3Store(ObjectStore):
 
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, *,
                  secure: bool = False, region: str | None = None, part_size: int = 64 * 1024 * 1024,
-                 create_bucket: bool = True):
+                 create_bucket: bool = True, public_url: str | None = None):
         if part_size < MIN_PART:
             raise ValueError(f"part_size {part_size} is below the S3 minimum of {MIN_PART} bytes")
         self.bucket = bucket
         self.part_size = part_size
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
         self._endpoint = endpoint
+        self._keys = (access_key, secret_key)
+        # URLs handed to clients are signed for the address clients use (e.g. not compose's "minio:9000")
+        pub = urlparse(public_url) if public_url else None
+        self._signer = Minio(pub.netloc, access_key=access_key, secret_key=secret_key, secure=pub.scheme == "https",
+                             region=region or "us-east-1") if pub else \
+            Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region or "us-east-1")
         if create_bucket and not self.client.bucket_exists(bucket):
             try:
                 self.client.make_bucket(bucket)
@@ -44,7 +51,14 @@ class S3Store(ObjectStore):
         endpoint = u.hostname + (f":{u.port}" if u.port else "")
         return cls(endpoint, bucket, unquote(u.username or ""), unquote(u.password or ""),
                    secure=q.get("secure", "false").lower() in ("1", "true", "yes"),
-                   region=q.get("region"), part_size=int(q.get("part_size", 64 * 1024 * 1024)))
+                   region=q.get("region"), part_size=int(q.get("part_size", 64 * 1024 * 1024)),
+                   public_url=q.get("public_url"))
+
+    def for_bucket(self, bucket: str) -> "S3Store":
+        """The same server and credentials, another bucket (imports from a granted prefix)."""
+        s = S3Store.__new__(S3Store)
+        s.__dict__.update(self.__dict__, bucket=bucket)
+        return s
 
     def __repr__(self) -> str:
         return f"S3Store({self._endpoint!r}, bucket={self.bucket!r})"
@@ -106,6 +120,51 @@ class S3Store(ObjectStore):
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, check_key(key))
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.stat_object(self.bucket, check_key(key)).size or 0)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"stat {key}: {e}") from e
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        return self._signer.presigned_get_object(self.bucket, check_key(key), expires=timedelta(seconds=expires_s))
+
+    def start_direct_upload(self, key: str, size: int, expires_s: int) -> DirectUpload:
+        """One presigned PUT up to ``part_size``; above it a multipart upload, a URL per part."""
+        key, ttl = check_key(key), timedelta(seconds=expires_s)
+        if size <= self.part_size:
+            return DirectUpload(key, None, self.part_size, (self._signer.presigned_put_object(self.bucket, key, ttl),))
+        upload_id = self.client._create_multipart_upload(self.bucket, key, {})
+        n = -(-size // self.part_size)
+        urls = tuple(self._signer.get_presigned_url("PUT", self.bucket, key, ttl, extra_query_params={
+            "uploadId": upload_id, "partNumber": str(i)}) for i in range(1, n + 1))
+        return DirectUpload(key, upload_id, self.part_size, urls)
+
+    def finish_direct_upload(self, upload: DirectUpload) -> None:
+        if upload.upload_id is None:
+            return
+        try:
+            parts = self.client._list_parts(self.bucket, upload.key, upload.upload_id).parts
+            if sorted(p.part_number for p in parts) != list(range(1, len(upload.urls) + 1)):
+                raise StorageError(f"{upload.key}: {len(parts)} of {len(upload.urls)} parts were uploaded")
+            self.client._complete_multipart_upload(self.bucket, upload.key, upload.upload_id,
+                                                   sorted(parts, key=lambda p: p.part_number))
+        except S3Error as e:
+            raise StorageError(f"{upload.key}: cannot complete the upload ({e.code})") from None
+
+    def abort_direct_upload(self, upload: DirectUpload) -> None:
+        if upload.upload_id is not None:
+            try:
+                self.client._abort_multipart_upload(self.bucket, upload.key, upload.upload_id)
+            except S3Error:
+                pass  # already completed or aborted
+        try:
+            self.client.remove_object(self.bucket, upload.key)
+        except S3Error:
+            pass
 
     def ping(self) -> None:
         if not self.client.bucket_exists(self.bucket):

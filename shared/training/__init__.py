@@ -31,9 +31,10 @@ def __getattr__(name: str):
 def run_finetune(options: dict[str, Any], source_dir: str | Path, save_dir: str | Path, *,
                  data: Sequence[Path], valid: Sequence[Path] = (),
                  progress: Callable[[dict], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+                 should_cancel: Callable[[], bool] | None = None, devices=None) -> dict[str, Any]:
     """A finetune job: ``options`` are TrainConfig fields other than paths (a job names no host
-    path); ``data``/``valid`` are the JSONL files the service placed in the job's directory.
+    path); ``data``/``valid`` are the JSONL files the service placed in the job's directory;
+    ``devices``: the worker's CUDA ordinals (default: every visible one).
 
     The finished native checkpoint ends up in ``save_dir`` (what the job commits); the run
     directory (training checkpoints, ``hf/``, ``lora/``, ``metrics.jsonl``) is ``<save_dir>-run``.
@@ -50,7 +51,7 @@ def run_finetune(options: dict[str, Any], source_dir: str | Path, save_dir: str 
     config = TrainConfig.from_dict({**options, "load": str(source_dir), "save": str(run_dir),
                                     "data_path": [str(p) for p in data], "valid_data_path": [str(p) for p in valid],
                                     "metrics_file": str(run_dir / METRICS_FILE)})
-    result = train(config, progress, should_cancel)
+    result = train(config, progress, should_cancel, devices=devices)
     if result.get("status") == "completed":
         if save_dir.exists():
             shutil.rmtree(save_dir)

@@ -26,6 +26,7 @@ from shared.training import rank as R
 from shared.training.checkpoint import STATE, Source, iteration_dir, resolve_load, write_latest
 from shared.training.config import ConfigError, TrainConfig
 from shared.training.data import PackedData, batch_indices, build_datasets
+from shared.training.memory import check_fits
 from shared.training.optim import learning_rate
 
 Progress = Callable[[dict], None]
@@ -84,7 +85,7 @@ class _Run:
     """One training run in the coordinating process."""
 
     def __init__(self, config: TrainConfig, progress: Progress | None, should_cancel: Callable[[], bool] | None,
-                 pool):
+                 pool, devices=None):
         from shared.tokenizer import load_source_tokenizer
 
         self.config, self.progress, self.should_cancel = config, progress or (lambda e: None), should_cancel
@@ -111,7 +112,7 @@ class _Run:
                                str(src.directory) if resume else None)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
         self.key = f"train-{uuid.uuid4().hex}"
-        self.pool, self.own_pool = pool, pool is None
+        self.pool, self.own_pool, self.devices = pool, pool is None, devices
 
     # ---- process plumbing --------------------------------------------------------------------
     def _call(self, fn, *args) -> list[Any]:
@@ -204,8 +205,9 @@ class _Run:
             from shared.parallel.launcher import ProcessGroupPool
 
             threads = max(1, (os.cpu_count() or 1) // self.dims.world_size)
-            self.pool = ProcessGroupPool(self.dims.world_size, threads=threads, timeout_s=3600)
+            self.pool = ProcessGroupPool(self.dims.world_size, threads=threads, timeout_s=3600, devices=self.devices)
         try:
+            check_fits(self.cfg, c, self._call(R.rank_memory))  # before any rank loads a weight
             counts = self._call(R.rank_setup, self.plan)
             info = {k: sum(r[k] for r in counts) for k in ("trainable", "parameters")}
             return self._loop(metrics, info)
@@ -275,12 +277,15 @@ class _Run:
 
 
 def train(config: TrainConfig, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
-          *, pool=None) -> dict[str, Any]:
+          *, pool=None, devices=None) -> dict[str, Any]:
     """Run (or resume) a finetuning run; returns a summary with the exported checkpoint paths.
 
     ``progress`` gets one dict per iteration (``step``, ``loss``, ``lr``, ``grad_norm``,
     ``tokens_per_s``, ``eta_s``) and per evaluation (``valid_loss``). When ``should_cancel()``
     turns true the run saves a checkpoint and raises ``Cancelled``. ``pool``: an existing
-    process pool (anything with ``run(dims, fn, *args)``) to use instead of starting one.
+    process pool (anything with ``run(dims, fn, *args)``) to use instead of starting one;
+    ``devices``: the CUDA ordinals the pool it starts may use (default: every visible one).
+    Before any weight is loaded, each rank's memory need is estimated and a plan that does
+    not fit its GPU is refused (``ConfigError``, with layouts that would fit).
     """
-    return _Run(config, progress, should_cancel, pool).run()
+    return _Run(config, progress, should_cancel, pool, devices).run()

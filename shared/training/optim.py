@@ -28,6 +28,11 @@ def learning_rate(iteration: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
+def _into_main_grad(p: torch.Tensor) -> None:
+    p.main_grad.add_(p.grad)
+    p.grad = None
+
+
 def _all_reduce(t: torch.Tensor, group) -> None:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
@@ -39,6 +44,10 @@ class MasterAdamW:
     Norms and biases get no weight decay (Megatron's rule). A parameter marked
     ``tp_replicated`` holds the same values on every TP rank: its gradient is counted once in
     the global norm. ``skip_in_norm`` marks the last stage's copy of a tied embedding.
+
+    A low-precision parameter's gradient accumulates in fp32 across micro-batches (Megatron's
+    ``main_grad``): after each backward adds into its bf16 ``.grad``, a hook moves that into
+    the parameter's fp32 ``main_grad`` and frees it, so no bf16 sum is ever rounded again.
     """
 
     def __init__(self, named: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig,
@@ -53,6 +62,8 @@ class MasterAdamW:
             else:
                 src = initial.get(name, p.detach())
                 master = nn.Parameter(src.to(device=p.device, dtype=torch.float32).clone())
+                p.main_grad = torch.zeros_like(master, memory_format=torch.contiguous_format)
+                p.register_post_accumulate_grad_hook(_into_main_grad)
             self.names.append(name)
             self.params.append(p)
             self.masters.append(master)
@@ -69,14 +80,24 @@ class MasterAdamW:
         for p, m in zip(self.params, self.masters):
             p.grad = None
             m.grad = None
+            if m is not p:
+                p.main_grad.zero_()
 
     def grads_to_masters(self) -> None:
         for p, m in zip(self.params, self.masters):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
             if m is not p:
-                m.grad, p.grad = g.float(), None
+                if p.grad is not None:  # a gradient the hook did not see (set by hand)
+                    _into_main_grad(p)
+                m.grad = p.main_grad
             else:
-                p.grad = g
+                p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def master_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 gradient the optimizer will use for ``param`` (after ``grads_to_masters``)."""
+        for p, m in zip(self.params, self.masters):
+            if p is param:
+                return m.grad
+        raise KeyError("not a parameter of this optimizer")
 
     def all_reduce_grads(self, group) -> None:
         """Sum master gradients over data-parallel replicas (the loss is normalized globally)."""

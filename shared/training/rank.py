@@ -25,7 +25,7 @@ from shared.parallel.state import ParallelContext
 from shared.training.config import TrainConfig
 from shared.training.lora import adapter_state, apply_lora, base_state
 from shared.training.optim import MasterAdamW
-from shared.training.schedule import _exchange, one_f_one_b
+from shared.training.schedule import one_f_one_b
 
 TRAINING_DIR = "training"
 
@@ -36,7 +36,7 @@ class RankPlan:
 
     config: TrainConfig
     model: dict[str, Any]        # ModelConfig.to_dict()
-    source_kind: str             # "native" | "hf"
+    source_kind: str             # "native" | "hf" | "random" (benchmarks; source_dir is a config.json)
     source_dir: str
     resume_dir: str | None       # a training checkpoint whose optimizer/RNG/adapters to restore
 
@@ -62,6 +62,10 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _load_local(plan: RankPlan, cfg: ModelConfig, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """This rank's fp32 state dict at the run's layout, resharded from whatever the source holds."""
     target = Layout(ctx.dims.tp, ctx.dims.pp, plan.config.make_vocab_size_divisible_by)
+    if plan.source_kind == "random":  # benchmarks: ``source_dir`` is an HF config.json
+        from shared.model import random_state
+
+        return random_state(cfg, target, ctx.tp_rank, ctx.pp_rank, torch.float32, ctx.device)
     if plan.source_kind == "native":
         from shared.checkpoint.native import load_rank_state_dict
 
@@ -83,6 +87,10 @@ class RankTrainer:
         self.stage: LlamaStage = load_stage(self.cfg, ctx, state, self.dtype, c.make_vocab_size_divisible_by,
                                             recompute=c.recompute_activations)
         self.stage.train()
+        if ctx.device.type == "cuda":  # fused norms, RoPE and SwiGLU, forward and backward
+            from shared.model.ops import compiled_or_eager
+
+            self.stage.ops = compiled_or_eager(ctx.device, self.dtype)
         self.tied_copy = self.cfg.tie_word_embeddings and ctx.dims.pp > 1
         for name, p in self.stage.named_parameters():
             p.tp_replicated = name.endswith("layernorm.weight")
@@ -121,20 +129,14 @@ class RankTrainer:
                 for i in range(0, per, mbs)]
 
     def _sync_tied_grads(self) -> None:
-        """Sum the embedding's and the last stage's output-copy gradients so both stay equal."""
-        if not self.tied_copy:
+        """Sum the embedding's and the last stage's output-copy gradients (an all-reduce over the
+        first/last-stage group, as Megatron's embedding group) so both copies stay equal."""
+        if not self.tied_copy or self.ctx.embedding_group is None:
             return
-        if self.ctx.is_first_stage:
-            p, peer = self.stage.embedding.word_embeddings.weight, self.ctx.pp_ranks[-1]
-        elif self.ctx.is_last_stage:
-            p, peer = self.stage.output_layer.weight, self.ctx.pp_ranks[0]
-        else:
-            return
-        if not p.requires_grad:
-            return
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        other = _exchange(self.ctx, [(g, peer)], [(g.shape, g.dtype, peer)])[0]
-        p.grad = g + other
+        stage = self.stage
+        p = stage.embedding.word_embeddings.weight if self.ctx.is_first_stage else stage.output_layer.weight
+        if p.requires_grad:
+            torch.distributed.all_reduce(self.opt.master_grad(p), group=self.ctx.embedding_group)
 
     # ---- the three operations ----------------------------------------------------------------
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, n_targets: int, lr: float) -> dict[str, Any]:
@@ -145,8 +147,8 @@ class RankTrainer:
             return (per_token * mb["mask"]).sum() / n_targets  # global mean over the batch's targets
 
         loss_sum = one_f_one_b(self.stage, self.ctx, micro, loss_fn, self.cfg.hidden_size, self.dtype)
-        self._sync_tied_grads()
         self.opt.grads_to_masters()
+        self._sync_tied_grads()
         self.opt.all_reduce_grads(self.ctx.dp_group)
         norm, loss = self.opt.norm_and_loss(self.ctx, loss_sum)
         finite = math.isfinite(norm) and math.isfinite(loss)
@@ -191,6 +193,13 @@ class RankTrainer:
 
 
 # ---- entry points run on every rank ----------------------------------------------------------
+
+def rank_memory(ctx: ParallelContext, key: str) -> tuple[int, int] | None:
+    """(free, total) bytes of this rank's GPU before anything is loaded; None on CPU."""
+    if ctx.device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(ctx.device)
+
 
 def rank_setup(ctx: ParallelContext, key: str, plan: RankPlan) -> dict[str, Any]:
     worker_state()[key] = RankTrainer(ctx, plan)

@@ -2,8 +2,11 @@
 
 Stage p runs ``min(P - p - 1, M)`` warmup forwards, then alternates one forward and one
 backward, then drains the remaining backwards: at most ``P - p`` microbatches' activations are
-alive at once (GPipe keeps all M). Sends and receives that cross in opposite directions are
-posted together (isend/irecv) so neither neighbour waits on the other.
+alive at once (GPipe keeps all M). In the steady state a stage sends its output and receives
+that output's gradient from the next stage as one batch, then sends its input gradient and
+receives the next input from the previous stage as one batch (Megatron's
+``send_forward_recv_backward`` / ``send_backward_recv_forward``): the neighbour posts the
+mirror-image batch, which is what NCCL needs (``shared.parallel.p2p``).
 """
 
 from __future__ import annotations
@@ -11,20 +14,16 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from shared.parallel.p2p import exchange
 from shared.parallel.state import ParallelContext
 
 
 def _exchange(ctx: ParallelContext, sends: Sequence[tuple[torch.Tensor, int]],
               recvs: Sequence[tuple[tuple, torch.dtype, int]]) -> list[torch.Tensor]:
-    bufs = [torch.empty(shape, dtype=dtype, device=ctx.device) for shape, dtype, _ in recvs]
-    works = [dist.isend(t.contiguous(), peer) for t, peer in sends]
-    works += [dist.irecv(b, peer) for b, (_, _, peer) in zip(bufs, recvs)]
-    for w in works:
-        w.wait()
-    return bufs
+    bufs = [(torch.empty(shape, dtype=dtype, device=ctx.device), peer) for shape, dtype, peer in recvs]
+    return exchange(sends, bufs)
 
 
 def one_f_one_b(stage: nn.Module, ctx: ParallelContext, microbatches: Sequence[dict],

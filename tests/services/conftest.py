@@ -14,6 +14,7 @@ import pytest
 from services.client import Client
 from services.stack import LocalStack, free_port
 from tests.services.helpers import make_hf_checkpoint
+from tests.services.pg import PostgresServer
 
 KEYS = {"key-team-a": "team-a", "key-team-b": "team-b"}
 # Short timings so recovery paths run in seconds.
@@ -41,6 +42,22 @@ def moto_url():
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session (started on first use); each test takes a fresh database."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def jobs_db(request, tmp_path) -> str:
+    """A fresh jobs database of each backend: a SQLite file path or a PostgreSQL URL (LLAMA_SVC_JOBS_DB)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    return request.getfixturevalue("postgres").new_database()
 
 
 def s3_url(moto: str, bucket: str) -> str:

@@ -39,7 +39,9 @@ def test_no_server_errors(stack):
         def check(case):
             case.headers = {**(case.headers or {}), "Authorization": "Bearer key-team-a"}
             response = case.call(timeout=30)
-            assert response.status_code < 500, (op.label, response.status_code, response.text[:500])
+            # 501: direct uploads need an S3 store (this stack keeps a local directory), said as such
+            unsupported = response.status_code == 501 and "local directory" in response.text
+            assert response.status_code < 500 or unsupported, (op.label, response.status_code, response.text[:500])
 
         check()
 
@@ -72,7 +74,7 @@ def test_limits(stack, tiny_hf):
     r = httpx.post(stack.url + "/v1/jobs", json={"kind": "convert", "source": "s", "target_tp": 0}, headers=h)
     assert r.status_code == 422 and "target_tp" in r.text
     r = httpx.put(stack.url + "/api", json={"model": "m", "prompts": ["a"], "top_k": 5, "top_p": 0.5}, headers=h)
-    assert r.status_code == 422 and "top_k and top_p" in r.text
+    assert r.status_code == 422 and "top-k and top-p" in r.json()["message"]
     r = httpx.put(stack.url + "/api", json={"model": "m", "prompts": ["a"], "tokens_to_generate": 33}, headers=h)
     assert r.status_code == 422 and "32" in r.text
 

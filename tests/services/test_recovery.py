@@ -1,5 +1,6 @@
 """Failure paths with real processes: a worker or a job's child SIGKILLed mid-conversion; Redis
-restarted mid-job; work directories left by killed processes."""
+restarted mid-job; work directories left by killed processes. Each runs on both jobs-database
+backends (``jobs_db``: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture
-def stack(request, tmp_path):
-    s = start_stack(tmp_path / "stack", queues=("convert",))
+def stack(request, tmp_path, jobs_db):
+    s = start_stack(tmp_path / "stack", queues=("convert",), env={"LLAMA_SVC_JOBS_DB": jobs_db})
     yield s
     if request.session.testsfailed:
         dump_logs(s)
@@ -120,11 +121,12 @@ def test_child_killed_by_signal_is_retried(stack, medium_hf):
     assert not list(work.glob(f"{job['id']}*"))  # the killed attempt's directory went with it
 
 
-def test_child_killed_out_of_attempts_and_work_dirs(tmp_path, medium_hf):
+def test_child_killed_out_of_attempts_and_work_dirs(tmp_path, medium_hf, jobs_db):
     work = tmp_path / "stack" / "work"
     for stale in ("0" * 32 + "-1", "f" * 32, "junk-x"):  # left by killed workers of an earlier run
         (work / stale / "source").mkdir(parents=True)
-    s = start_stack(tmp_path / "stack", queues=("convert",), env={"LLAMA_SVC_MAX_ATTEMPTS": "1"})
+    s = start_stack(tmp_path / "stack", queues=("convert",), env={"LLAMA_SVC_MAX_ATTEMPTS": "1",
+                                                                  "LLAMA_SVC_JOBS_DB": jobs_db})
     try:
         assert list(work.iterdir()) == []  # swept when the worker started
         a = client(s)
@@ -149,11 +151,11 @@ def test_child_killed_out_of_attempts_and_work_dirs(tmp_path, medium_hf):
         s.__exit__(None, None, None)
 
 
-def test_sweep_keeps_only_running_attempts(tmp_path, monkeypatch):
+def test_sweep_keeps_only_running_attempts(tmp_path, jobs_db):
     from services import worker
     from shared.jobs import JobStore
 
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = JobStore(jobs_db)
     running, _ = store.create("t", "convert", {})
     store.claim(running.id, store.mark_dispatched(running.id), "w")
     done, _ = store.create("t", "convert", {})
@@ -167,11 +169,11 @@ def test_sweep_keeps_only_running_attempts(tmp_path, monkeypatch):
     assert [p.name for p in root.iterdir()] == [f"{running.id}-1"]
 
 
-def test_killed_attempts_policy(tmp_path, monkeypatch):
+def test_killed_attempts_policy(monkeypatch, jobs_db):
     from services import worker
     from shared.jobs import JobStore
 
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = JobStore(jobs_db)
     published = []
     monkeypatch.setattr(worker, "redispatch", lambda st, app, job_id, kind: published.append(job_id))
     job, _ = store.create("t", "convert", {}, max_attempts=2)

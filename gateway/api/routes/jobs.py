@@ -13,13 +13,15 @@ from anyio import to_thread
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from gateway.api.deps import Svc, model_positions
+from gateway.api.deps import Svc, model_config, model_positions
 from gateway.api.schemas import EventList, JobList, JobMetrics, JobOut, JobRequest
 from gateway.auth import Team
 from shared.jobs import KINDS, STATES, TERMINAL, IdempotencyConflict, Job, eta_seconds
 from shared.jobs.logs import request_id_var
 from shared.jobs.reaper import dispatch
+from shared.parallel.dims import LayoutError, ParallelDims
 from shared.storage import METRICS_ARTIFACT, ObjectNotFound, artifact_key
+from shared.storage.uploads import UploadNotFound, granted
 from shared.training.config import ConfigError, TrainConfig
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -55,8 +57,16 @@ def _validate(svc, team: str, req) -> dict:
         if not svc.checkpoints.exists(team, req.model):
             raise HTTPException(404, f"model {req.model!r} not found: upload or convert a checkpoint first")
         return params
+    if req.kind == "import":
+        check_import(svc, team, req.upload, req.uri, req.target)
+        store = svc.datasets if req.target == "dataset" else svc.checkpoints
+        if store.exists(team, req.output):
+            raise HTTPException(409, f"{req.target} {req.output!r} already exists; choose another output name")
+        return params
     if not svc.checkpoints.exists(team, req.source):
         raise HTTPException(404, f"source checkpoint {req.source!r} not found: upload it with POST /v1/checkpoints")
+    if req.kind in ("convert", "reshard"):
+        _check_layout(svc, team, req)
     if req.kind == "finetune":
         _check_finetune(svc, team, req)
         params["config"] = {**req.config.trainer_options(),
@@ -75,6 +85,35 @@ def _validate(svc, team: str, req) -> dict:
     elif svc.checkpoints.exists(team, params["output"]):
         raise HTTPException(409, f"checkpoint {params['output']!r} already exists; choose another output name")
     return params
+
+
+def check_import(svc, team: str, upload: str | None, uri: str | None, target: str = "checkpoint") -> None:
+    """An import names a completed direct upload of this team, or a prefix this team was granted."""
+    if upload is not None:
+        try:
+            record = svc.uploads.get(team, upload)
+        except UploadNotFound:
+            raise HTTPException(404, f"upload {upload!r} not found (or it expired)") from None
+        if "completed_at" not in record:
+            raise HTTPException(409, f"upload {upload!r} is not complete: POST …/uploads/{upload}/complete first")
+        if record.get("target", "checkpoint") != target:
+            raise HTTPException(422, f"upload {upload!r} holds a {record.get('target')}, not a {target}")
+        return
+    if not granted(svc.settings.import_grants.get(team, ()), uri):
+        raise HTTPException(403, f"your team may not import from {uri!r}; an operator grants S3 prefixes per team "
+                                 "(LLAMA_SVC_IMPORT_GRANTS)")
+
+
+def _check_layout(svc, team: str, req) -> None:
+    """The target TP/PP must split the source model (the converter's own check, run at submit)."""
+    cfg = model_config(svc.checkpoints.manifest(team, req.source))
+    if cfg is None:
+        return
+    try:
+        ParallelDims(tp=req.target_tp, pp=req.target_pp).check_model(cfg)
+    except LayoutError as e:
+        raise HTTPException(422, f"target_tp={req.target_tp}, target_pp={req.target_pp} do not fit "
+                                 f"{req.source!r}: {e}") from None
 
 
 def _check_finetune(svc, team: str, req) -> None:
@@ -101,19 +140,26 @@ def _check_finetune(svc, team: str, req) -> None:
 @router.post("", status_code=202, response_model=JobOut, responses={
     404: {"description": "source checkpoint not found"}, 409: {"description": "Idempotency-Key reused / output exists"},
     429: {"description": "too many active jobs for this team (see Retry-After)"}})
-async def submit_job(svc: Svc, team: Team, response: Response, req: JobRequest = Body(...),
+async def submit_job(svc: Svc, team: Team, response: Response, req: JobRequest = Body(..., discriminator="kind"),
                      idempotency_key: str | None = Header(None, description="1-200 characters")) -> JobOut:
     """Submit a job; it runs asynchronously. Poll `GET /v1/jobs/{id}` or stream its events."""
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPException(422, f"the Idempotency-Key header must be 1-200 characters (got {len(idempotency_key)})")
+    job, created = await enqueue(svc, team, req, idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+async def enqueue(svc, team: str, req, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate, record and dispatch a job request; (job, False) replays an Idempotency-Key's job."""
     body_hash = hashlib.sha256(json.dumps(req.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key is not None:
         old = await to_thread.run_sync(lambda: svc.jobs.list_by_key(team, idempotency_key))
         if old is not None:
             if old.request_hash != body_hash:
                 raise HTTPException(409, "this Idempotency-Key was already used with a different request; use a new key")
-            response.headers["Idempotent-Replayed"] = "true"
-            return job_out(old)
+            return old, False
     s = svc.settings
     if await to_thread.run_sync(svc.jobs.count_active, team) >= s.max_active_jobs_per_team:
         raise HTTPException(429, f"your team has {s.max_active_jobs_per_team} active jobs; wait for some to finish",
@@ -130,9 +176,7 @@ async def submit_job(svc: Svc, team: Team, response: Response, req: JobRequest =
         log.info("job accepted", extra={"job_id": job.id, "kind": job.kind, "team": team})
         await to_thread.run_sync(dispatch, svc.jobs, svc.celery, job.id, job.kind)
         job = svc.jobs.get(job.id) or job
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
-    return job_out(job)
+    return job, created
 
 
 @router.get("", response_model=JobList)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the jobs database (applied by ``shared.jobs.db.migrate``)."""

@@ -1,0 +1,81 @@
+"""lm-eval's own API models against both servers: ``local-completions`` with its defaults (token-id
+prompts, ``echo`` + ``logprobs=1``) scores every choice exactly as lm-eval's ``hf`` model does on
+the same weights, through the standalone server and through the gateway."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.generate.runtime import GenerationRuntime
+from shared.evaluation.report import _offline
+from shared.evaluation.tasks import prepare_tasks
+from tests.inference.helpers import tiny_hf_dir, tiny_native_dir
+from tests.inference.test_server import Served
+from tests.services.conftest import client, dump_logs, start_stack
+
+TASK, ITEMS = "arithmetic_mc", 6
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    return tiny_hf_dir(root), tiny_native_dir(root)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return prepare_tasks([TASK], tmp_path_factory.mktemp("tasks"), items=ITEMS)
+
+
+def _evaluate(model, model_args, tasks) -> list[list[tuple[float, bool]]]:
+    """Per item, (log-likelihood, is_greedy) of each choice."""
+    _offline()
+    from lm_eval import evaluator
+
+    res = evaluator.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=tasks.task_manager(),
+                                    log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    samples = sorted(res["samples"][TASK], key=lambda s: s["doc_id"])
+    return [[(float(r[0][0]), bool(r[0][1])) for r in s["resps"]] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def reference(weights, tasks):
+    hf, _ = weights
+    return _evaluate("hf", {"pretrained": str(hf), "dtype": "float32", "device": "cpu", "batch_size": 8}, tasks)
+
+
+def _local(url: str, model: str, hf) -> dict:
+    return {"base_url": url + "/v1/completions", "model": model, "tokenizer_backend": "huggingface",
+            "tokenizer": str(hf), "max_retries": 1}
+
+
+def _same(got, want):
+    assert len(got) == len(want) == ITEMS
+    for g_item, w_item in zip(got, want):
+        assert [g for _, g in g_item] == [w for _, w in w_item], (g_item, w_item)
+        assert all(abs(g - w) < 1e-4 for (g, _), (w, _) in zip(g_item, w_item)), (g_item, w_item)
+
+
+def test_local_completions_on_the_standalone_server(weights, tasks, reference):
+    hf, native = weights
+    rt = GenerationRuntime(native, max_batch=8, max_queue=64, max_seq_len=256, steps_per_plan=4)
+    served = Served(rt)
+    try:
+        served.wait_ready()
+        _same(_evaluate("local-completions", _local(served.url, "tiny-native", hf), tasks), reference)
+    finally:
+        served.stop()
+        rt.close()
+
+
+def test_local_completions_through_the_gateway(request, tmp_path_factory, weights, tasks, reference, monkeypatch):
+    hf, _ = weights
+    stack = start_stack(tmp_path_factory.mktemp("lmeval-gw"), queues=("generate",))
+    try:
+        client(stack).upload_checkpoint("tiny", hf)
+        monkeypatch.setenv("OPENAI_API_KEY", "key-team-a")  # lm-eval's local-completions sends it as a bearer key
+        _same(_evaluate("local-completions", _local(stack.url, "tiny", hf), tasks), reference)
+    finally:
+        if request.session.testsfailed:
+            dump_logs(stack)
+        stack.__exit__(None, None, None)
