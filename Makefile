@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/train.py
 	$(PY) -m bench.service
 	$(PY) bench/eval.py
+	$(PY) bench/parity.py
 
 clean:
 	rm -rf $(VENV) .data

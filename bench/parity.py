@@ -191,9 +191,9 @@ def main() -> None:
 def _print(rows: dict, report: dict) -> None:
     copy = rows["copy"]["wall_s"]
     print(f"\nparity {'PASS' if report['passed'] else 'FAIL'}: max |dlogits| {report['max_abs_logit_diff']:.3g}, "
-          f"top-1 {report['top1_agreement']:.1%} over {report['positions']} positions, worst "
-          f"{report['worst']['where']}, {report['seconds']} s, planned peak "
-          f"{report['planned_peak_bytes'] / 1e9:.2f} GB")
+          f"top-1 {report['top1_agreement']:.1%} over {report['positions']} positions, largest |dhidden| "
+          f"{report['worst']['relative']:.2g} of scale at {report['worst']['where']}, {report['seconds']} s, "
+          f"planned peak {report['planned_peak_bytes'] / 1e9:.2f} GB")
     print("\n| step | wall s | × copy | peak RSS GB (sampled sum) | sum of VmHWM GB |")
     print("|---|---|---|---|---|")
     for step, r in rows.items():

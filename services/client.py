@@ -197,3 +197,47 @@ class Client:
 
     def chat(self, model: str, messages: list[dict], **body) -> dict:
         return self._json(self.http.post("/v1/chat/completions", json={"model": model, "messages": messages, **body}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.client upload NAME DIR`` and friends: the client from a shell."""
+    import argparse
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m services.client", description="Talk to the service's gateway.")
+    p.add_argument("--url", default=os.environ.get("LLAMA_SVC_URL", "http://127.0.0.1:8000"),
+                   help="the gateway (default: $LLAMA_SVC_URL or %(default)s)")
+    p.add_argument("--key", default=os.environ.get("LLAMA_SVC_KEY"), help="your API key (default: $LLAMA_SVC_KEY)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("upload", help="upload every file of an HF checkpoint directory")
+    up.add_argument("name")
+    up.add_argument("directory")
+    up.add_argument("--through-gateway", action="store_true",
+                    help="send the bytes through the gateway even where the store takes them directly")
+    ds = sub.add_parser("upload-dataset", help="upload a JSONL file as a dataset")
+    ds.add_argument("name")
+    ds.add_argument("path")
+    dl = sub.add_parser("download", help="download every file of a checkpoint (each checked against its sha256)")
+    dl.add_argument("name")
+    dl.add_argument("directory")
+    a = p.parse_args(argv)
+    if not a.key:
+        p.error("pass --key or set LLAMA_SVC_KEY")
+    with Client(a.url, a.key, timeout=600) as c:
+        try:
+            if a.cmd == "upload":
+                out = c.upload_checkpoint(a.name, a.directory, direct=False if a.through_gateway else None)
+                print(json.dumps({"name": out["name"], "files": len(out["files"]), "bytes": out["bytes"]}))
+            elif a.cmd == "upload-dataset":
+                print(json.dumps(c.upload_dataset(a.name, a.path)))
+            else:
+                print(c.download(a.name, a.directory))
+        except (ApiError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

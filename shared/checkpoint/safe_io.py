@@ -143,6 +143,9 @@ class TensorSource:
     def release(self) -> None:
         """Let go of whatever was mapped for earlier reads (a reader that streams calls this as it goes)."""
 
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Have the OS start reading these tensors now (a reader that streams asks one step ahead)."""
+
     def close(self) -> None:
         pass
 
@@ -199,6 +202,13 @@ class SafetensorsSource(TensorSource):
                 raise CheckpointError(f"{path}: ended early while reading {name}; the file was truncated")
             done += got
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        for name in names:
+            path, offset, n = self._where[name]
+            if path not in self._files:
+                self._files[path] = MappedFile(path)
+            os.posix_fadvise(self._files[path].fd, offset, n, os.POSIX_FADV_WILLNEED)
 
     def files(self) -> list[Path]:
         return list(self._paths)

@@ -188,3 +188,22 @@ def test_datasets_go_direct_and_are_checked_by_the_import(stack, tmp_path, moto_
                           target="dataset")["id"], timeout=120)
     assert job["state"] == "succeeded", (job, stack.log_tail())
     assert a._json(a.http.get("/v1/datasets/imported-data"))["records"] == 50
+
+
+def test_the_cli_uploads_a_directory_directly_and_downloads_it(stack, tiny_hf, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LLAMA_SVC_URL": stack.url, "LLAMA_SVC_KEY": "key-team-a"}
+    up = subprocess.run([sys.executable, "-m", "services.client", "upload", "from-cli", str(tiny_hf)], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["files"] == len([p for p in tiny_hf.rglob("*") if p.is_file()])
+    assert client(stack, "team-a").get_checkpoint("from-cli")["service"]["upload"]  # the direct path by default
+    dl = subprocess.run([sys.executable, "-m", "services.client", "download", "from-cli", str(tmp_path / "dl")],
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert dl.returncode == 0, dl.stderr
+    assert (tmp_path / "dl" / "config.json").read_bytes() == (tiny_hf / "config.json").read_bytes()
+    bad = subprocess.run([sys.executable, "-m", "services.client", "upload", "from-cli", str(tiny_hf)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "already exists" in bad.stderr

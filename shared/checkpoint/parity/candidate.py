@@ -71,6 +71,9 @@ class _NativeShards:
     def rows(self, stage: int, name: str, lo: int, n: int) -> torch.Tensor:
         return self.get(stage, name)[lo:lo + n]
 
+    def prefetch(self, stage: int, names: list[str]) -> None:
+        self._file(stage).prefetch(names)
+
     def release(self) -> None:
         pass
 
@@ -94,6 +97,9 @@ class _MegatronShards(_NativeShards):
     def get(self, stage: int, name: str) -> torch.Tensor:
         return self._stage(stage)[name]
 
+    def prefetch(self, stage: int, names: list[str]) -> None:
+        pass
+
     def release(self) -> None:
         self._loaded.clear()
 
@@ -110,6 +116,9 @@ class _HFShards(_NativeShards):
 
     def has(self, stage: int, name: str) -> bool:
         return name in self._spec
+
+    def prefetch(self, stage: int, names: list[str]) -> None:
+        self._src.prefetch([n for name in names for n in self._spec[name].hf_names])
 
     def get(self, stage: int, name: str) -> torch.Tensor:
         spec = self._spec[name]
@@ -176,15 +185,20 @@ class _Rank:
         self.cos, self.sin = cos_sin(self.inv_freq, self.pos, self.compute)
         return reduce_from_tp(h, self.ctx.tp_group)
 
+    def _layer_names(self, i: int) -> tuple[int, list[str]]:
+        """The stage holding layer ``i`` and the layer's local names in that stage's rank file."""
+        specs = L.layer_specs(self.cfg, i)
+        return specs[0].pp_rank(self.cfg, self.layout), [s.local_name(self.cfg, self.layout) for s in specs]
+
     def layer_step(self, arg: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = arg
-        specs = L.layer_specs(self.cfg, i)
-        stage = specs[0].pp_rank(self.cfg, self.layout)
+        stage, names = self._layer_names(i)
         params = dict(resident(self.layer).named_parameters())
-        for spec in specs:
-            local = spec.local_name(self.cfg, self.layout)
+        for local in names:
             params[local.split(".", 3)[3]].copy_(self.shards.get(stage, local))
         self.shards.release()
+        if i + 1 < self.cfg.num_layers:
+            self.shards.prefetch(*self._layer_names(i + 1))
         kv_len = int(self.pos[0, -1]) + 1 if self.cache is not None else None
         out = self.layer(h, self.cos, self.sin, i, self.pos, self.cache, kv_len, None)
         return h + self._attn.pop("out"), out

@@ -20,6 +20,10 @@ from shared.checkpoint.safe_io import CheckpointError, TensorSource
 EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
 
+def _layer_names(cfg: ModelConfig, i: int) -> list[str]:
+    return [n for spec in L.layer_specs(cfg, i) for n in spec.hf_names]
+
+
 def _skeleton(cfg: ModelConfig, compute: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -54,7 +58,7 @@ class Reference:
         self._pos = self._mask = self._rope = self._cache = None
 
     def _check_names(self) -> None:
-        want = {n.removeprefix("model.layers.0.") for s in L.layer_specs(self.cfg, 0) for n in s.hf_names}
+        want = {n.removeprefix("model.layers.0.") for n in _layer_names(self.cfg, 0)}
         have = {n for n, _ in self.decoder_layer.named_parameters()}
         if want != have:
             raise CheckpointError(f"parity: transformers' {type(self.decoder_layer).__name__} has parameters "
@@ -101,10 +105,11 @@ class Reference:
     def layer(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden after attention, hidden after the MLP) of decoder layer ``i``."""
         params = dict(resident(self.decoder_layer).named_parameters())
-        for spec in L.layer_specs(self.cfg, i):
-            for name in spec.hf_names:
-                params[name.removeprefix(f"model.layers.{i}.")].copy_(self._read(name))
+        for name in _layer_names(self.cfg, i):
+            params[name.removeprefix(f"model.layers.{i}.")].copy_(self._read(name))
         self.source.release()
+        self.source.prefetch(_layer_names(self.cfg, i + 1) if i + 1 < self.cfg.num_layers else
+                             [NORM, EMBED if self.cfg.tie_word_embeddings else HEAD])
         self.decoder_layer.self_attn.layer_idx = i  # its slot in the KV cache
         out = self.decoder_layer(h, attention_mask=self._mask, position_ids=self._pos, cache=self._cache,
                                  use_cache=self._cache is not None, position_embeddings=self._rope)
