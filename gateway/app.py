@@ -18,11 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.api.routes import checkpoints, datasets, deployments, generate, jobs, ops, uploads
 from gateway.core.config import Settings, get_settings
 from gateway.core.services import Services
-from gateway.docs import serve_docs
 from gateway.edge import RequestIdMiddleware, UploadGate
 from gateway.limits import BodyLimitMiddleware, upload_limit
 from gateway.metrics import Metrics
 from shared.jobs.logs import setup_json_logging
+from shared.protocol.docs import serve_docs
 from shared.protocol.errors import describe, megatron_error, openai_error
 from shared.protocol.megatron import MESSAGES
 

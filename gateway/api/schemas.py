@@ -165,6 +165,63 @@ JobRequest = Annotated[Union[ConvertJob, ReshardJob, ExportJob, ImportJob, Finet
                        Field(discriminator="kind")]
 
 
+class _Open(BaseModel):
+    """A record the workers write: the declared fields, and any others they add kept as they are."""
+    model_config = ConfigDict(extra="allow")
+
+
+class Progress(_Open):
+    phase: str | None = Field(None, description="e.g. fetch, convert, parity, upload, train, eval, generate")
+    current: int | float | None = None
+    total: int | float | None = None
+    unit: str | None = Field(None, description="what current and total count: bytes, steps, prompts, reports...")
+    eta_s: float | None = Field(None, description="seconds left, from the rate so far")
+    ts: float | None = Field(None, description="when the worker reported it")
+    step: int | None = None
+    loss: float | None = None
+
+
+class ConvertResult(_Open):
+    """convert, reshard and export: the checkpoint written."""
+    checkpoint: str
+    format: str | None = None
+    tp: int | None = None
+    pp: int | None = None
+    dtype: str | None = None
+    files: int
+    bytes: int
+
+
+class ImportResult(ConvertResult):
+    """import: the HF checkpoint registered."""
+
+
+class FinetuneResult(_Open):
+    checkpoint: str
+    files: int
+    status: str | None = None
+    iteration: int | None = None
+    loss: float | None = None
+    valid_loss: float | None = None
+    trainable_parameters: int | None = None
+    parameters: int | None = None
+    elapsed_s: float | None = None
+
+
+class EvalResult(_Open):
+    passed: bool
+    reports: list[dict[str, Any]]
+
+
+class GenerateResult(_Open):
+    text: list[str]
+
+
+RESULT_OF = {"convert": ConvertResult, "reshard": ConvertResult, "export": ConvertResult, "import": ImportResult,
+             "finetune": FinetuneResult, "eval": EvalResult, "generate": GenerateResult}
+JobResult = Union[ConvertResult, ImportResult, FinetuneResult, EvalResult, GenerateResult]
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -176,9 +233,19 @@ class JobOut(BaseModel):
     attempts: int
     max_attempts: int
     cancel_requested: bool
-    progress: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
+    progress: Progress | None = None
+    result: JobResult | None = Field(None, description="by kind: ConvertResult for convert, reshard and export, "
+                                     "ImportResult, FinetuneResult, EvalResult or GenerateResult")
     error: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _result_of_kind(cls, data: Any) -> Any:
+        """Each kind's result as its own model (they are not tagged, so the union alone could pick another)."""
+        model = RESULT_OF.get(data.get("kind")) if isinstance(data, dict) else None
+        if model is not None and isinstance(data.get("result"), dict):
+            data = {**data, "result": model.model_validate(data["result"])}
+        return data
 
 
 class JobList(BaseModel):

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.generate.runtime import GenerationRuntime, Overloaded, RequestError
 from shared.protocol import megatron_error, openai_error
+from shared.protocol.docs import serve_docs
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -87,8 +88,9 @@ def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRunt
         if holder.runtime is not None and not isinstance(runtime_factory, GenerationRuntime):
             holder.runtime.close()
 
-    app = FastAPI(title="llama-svc generate", lifespan=lifespan)
+    app = FastAPI(title="llama-svc generate", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.holder = holder
+    serve_docs(app)
 
     def runtime() -> GenerationRuntime:
         rt = holder.runtime

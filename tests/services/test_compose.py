@@ -207,7 +207,7 @@ def _closure(wanted: dict[str, set[str]]) -> set[str]:
 def test_the_gateway_image_has_what_the_gateway_imports():
     """Import the gateway with every store and jobs backend it can be configured with, and check
     that each third-party distribution it loads is installed by its Dockerfile, at the pinned version."""
-    code = ("import sys, importlib.metadata as md; import gateway.app, gateway.edge, gateway.relay, gateway.docs; "
+    code = ("import sys, importlib.metadata as md; import gateway.app, gateway.edge, gateway.relay, shared.protocol.docs; "
             "import shared.storage.s3, shared.jobs.db, psycopg, alembic.command; "
             "pd = md.packages_distributions(); print('torch' in sys.modules); "
             "print(' '.join(sorted({d for m in list(sys.modules) for d in pd.get(m.split('.')[0], [])})))")

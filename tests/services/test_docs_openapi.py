@@ -1,5 +1,6 @@
-"""Docs and the API description: `/docs` and `/redoc` load only the gateway's own assets (no
-network), and both servers' OpenAPI documents are valid OpenAPI with the job union discriminated."""
+"""Docs and the API description: `/docs` and `/redoc` load only each server's own assets (no
+network), on the gateway and on the standalone generation server, and both servers' OpenAPI
+documents are valid OpenAPI with the job union discriminated."""
 
 from __future__ import annotations
 
@@ -22,20 +23,28 @@ def gateway(tmp_path_factory):
         yield c
 
 
+@pytest.fixture(scope="module")
+def standalone():
+    with TestClient(create_server(lambda: None)) as c:
+        yield c
+
+
 def _urls(html: str) -> list[str]:
     return re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
 
 
+@pytest.mark.parametrize("server", ["gateway", "standalone"])
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-def test_docs_pages_use_only_local_assets(gateway, page):
-    r = gateway.get(page)
+def test_docs_pages_use_only_local_assets(request, server, page):
+    c = request.getfixturevalue(server)
+    r = c.get(page)
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     urls = _urls(r.text)
     assert urls and "/openapi.json" in urls
     assert not re.search(r"https?://", r.text.replace("http://www.w3.org", "")), r.text
     for url in urls:
         assert url.startswith("/"), url
-        got = gateway.get(url)
+        got = c.get(url)
         assert got.status_code == 200 and got.content, url
 
 
@@ -49,8 +58,7 @@ def test_gateway_openapi_is_valid_and_discriminates_jobs(gateway):
     assert {"convert", "reshard", "export", "import", "finetune", "eval", "generate"} <= kinds
 
 
-def test_standalone_server_openapi_is_valid():
-    with TestClient(create_server(lambda: None)) as c:
-        spec = c.get("/openapi.json").json()
+def test_standalone_server_openapi_is_valid(standalone):
+    spec = standalone.get("/openapi.json").json()
     validate(spec)
     assert {"/api", "/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])

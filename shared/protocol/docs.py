@@ -1,5 +1,6 @@
 """API docs served offline: Swagger UI and ReDoc pages whose scripts, styles and icon come from
-the gateway itself (the assets ``fastapi-offline`` ships), never from a CDN."""
+the app itself (the assets ``fastapi-offline`` ships), never from a CDN. Shared by the gateway
+and the standalone generation server; the protocol package does not import it."""
 
 from __future__ import annotations
 
