@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from gateway.api.deps import model_positions
 from gateway.core.config import LOCAL_DEV_KEY, Settings, hash_key
 from services.stack import free_port
-from tests.services.conftest import client, dump_logs, start_stack
+from tests.services.conftest import client, dump_logs, start_stack, wait_for
 
 A = {"Authorization": "Bearer key-team-a"}
 B = {"Authorization": "Bearer key-team-b"}
@@ -112,16 +112,6 @@ def test_uploads_are_refused_from_their_headers(stack):
     assert httpx.get(stack.url + "/v1/checkpoints").status_code == 401
 
 
-def _wait_for(pred, timeout: float = 10.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _second_gateway(stack) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:app", "--host", "127.0.0.1", "--port",
@@ -135,7 +125,7 @@ def _second_gateway(stack) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             return False
 
-    _wait_for(up, 30, "a second gateway")
+    wait_for(up, 30, "a second gateway")
     return proc, url
 
 
@@ -145,7 +135,7 @@ def test_upload_quota_per_team_across_gateways(stack, tiny_hf):
     held = []
     try:
         held = [_open_upload(stack.port, A, 1_000_000, f"/v1/checkpoints?name=slow{i}") for i in range(2)]
-        _wait_for(lambda: r.get("llama_svc:uploads:team-a") == b"2", what="two upload slots taken")
+        wait_for(lambda: r.get("llama_svc:uploads:team-a") == b"2", what="two upload slots taken")
         assert 0 < r.ttl("llama_svc:uploads:team-a") <= 60
         port2 = int(url2.rsplit(":", 1)[1])
         for port in (stack.port, port2):  # the quota is in Redis: another gateway process sees it too
@@ -156,10 +146,10 @@ def test_upload_quota_per_team_across_gateways(stack, tiny_hf):
         assert client(stack, "team-b").upload_checkpoint("b-model", tiny_hf)["name"] == "b-model"
         for s in held:
             s.close()
-        _wait_for(lambda: r.get("llama_svc:uploads:team-a") is None, what="the slots to be given back")
+        wait_for(lambda: r.get("llama_svc:uploads:team-a") is None, what="the slots to be given back")
         assert client(stack, "team-a").upload_checkpoint("after-quota", tiny_hf)["name"] == "after-quota"
         # a slot is given back once the response has gone out
-        _wait_for(lambda: r.get("llama_svc:uploads:team-a") is None and r.get("llama_svc:uploads:team-b") is None,
+        wait_for(lambda: r.get("llama_svc:uploads:team-a") is None and r.get("llama_svc:uploads:team-b") is None,
                   what="every slot to be given back")
     finally:
         for s in held:

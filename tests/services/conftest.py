@@ -98,6 +98,17 @@ def wait_state(c: Client, job_id: str, pred, timeout: float = 120, what: str = "
     raise AssertionError(f"job {job_id} never reached {what}: last {job}")
 
 
+def wait_for(pred, timeout: float = 10.0, what: str = "", poll: float = 0.05):
+    """``pred()``'s first truthy value within ``timeout`` seconds, else AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def dump_logs(stack: LocalStack) -> None:
     print(stack.log_tail(60))
 

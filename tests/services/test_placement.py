@@ -3,13 +3,12 @@ one of them and its requests go there; live workers and their models are visible
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
 
 from shared.jobs.placement import SHARED_QUEUE, Presence, pick_queue
-from tests.services.conftest import client, dump_logs, start_stack
+from tests.services.conftest import client, dump_logs, start_stack, wait_for
 
 
 def test_pick_queue_prefers_the_least_loaded_warm_worker():
@@ -33,24 +32,14 @@ def stack(request, tmp_path_factory, tiny_hf):
     s.__exit__(None, None, None)
 
 
-def _until(pred, timeout=60.0, what=""):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_deployment_pins_a_model_and_its_requests_follow(stack):
     a, b = client(stack, "team-a"), client(stack, "team-b")
-    workers = _until(lambda: (w := a._json(a.http.get("/v1/workers"))) and len(w) == 2 and w, what="two workers")
+    workers = wait_for(lambda: (w := a._json(a.http.get("/v1/workers"))) and len(w) == 2 and w, 60, "two workers")
     assert all(w["models"] == [] for w in workers)
     dep = a._json(a.http.post("/v1/deployments", json={"model": "tiny", "replicas": 1}))
-    holder = _until(lambda: a._json(a.http.get("/v1/deployments"))[0]["workers"][0], what="a replica placed")
-    _until(lambda: any(w["worker"] == holder and w["models"] == ["tiny"]
-                       for w in a._json(a.http.get("/v1/workers"))), what="the model loaded on its replica")
+    holder = wait_for(lambda: a._json(a.http.get("/v1/deployments"))[0]["workers"][0], 60, "a replica placed")
+    wait_for(lambda: any(w["worker"] == holder and w["models"] == ["tiny"]
+                       for w in a._json(a.http.get("/v1/workers"))), 60, "the model loaded on its replica")
     served = set()
     for _ in range(6):
         r = a.http.put("/api", json={"model": "tiny", "prompts": ["hello"], "tokens_to_generate": 2, "top_k": 1})
