@@ -265,17 +265,56 @@ class EventList(BaseModel):
     state: str
 
 
+class _Open(BaseModel):
+    """A stored record: the fields listed here, and whatever else its writer recorded."""
+    model_config = ConfigDict(extra="allow")
+
+
+class StoredFile(_Open):
+    size: int
+    sha256: str
+
+
+class LayoutOut(_Open):
+    tp: int
+    pp: int
+    divisible_by: int | None = None
+    stages: list[list[int]] | None = Field(None, description="[first, end) layers of each pipeline stage")
+    vocab_size: int | None = None
+    padded_vocab_size: int | None = None
+    rank_files: dict[str, str] | None = Field(None, description='"tp,pp" -> file of that rank')
+
+
+class ParityOut(_Open):
+    """The stored parity report (see the README's Convert section); ``passed`` null: not run."""
+    passed: bool | None = None
+    max_abs_logit_diff: float | None = None
+    max_abs_logprob_diff: float | None = None
+    top1_agreement: float | None = None
+    tolerance: float | None = None
+    tp: int | None = None
+    pp: int | None = None
+    divergence: dict[str, Any] | None = Field(None, description="the first layer and sublayer over its tolerance")
+    layers: list[dict[str, Any]] | None = Field(None, description="max |Δhidden| after attention and MLP, per layer")
+
+
+class ProvenanceOut(_Open):
+    converter: str | None = None
+    command: str | None = None
+    source: dict[str, Any] | None = Field(None, description="format, checkpoint name, dtype, sha256 of every file")
+
+
 class CheckpointOut(BaseModel):
     name: str
     format: str | None = None
     committed_at: float
     bytes: int
-    files: dict[str, dict[str, Any]]
-    layout: dict[str, Any] | None = None
+    files: dict[str, StoredFile]
+    layout: LayoutOut | None = None
     dtype: str | None = None
     model: dict[str, Any] | None = None
-    parity: dict[str, Any] | None = None
-    provenance: dict[str, Any] | None = None
+    parity: ParityOut | None = None
+    provenance: ProvenanceOut | None = None
     service: dict[str, Any] | None = None
 
 

@@ -19,6 +19,10 @@ from starlette.concurrency import run_in_threadpool
 
 from services.generate.runtime import GenerationRuntime, Overloaded, RequestError
 from shared.protocol import megatron_error, openai_error
+from shared.protocol.errors import MegatronError, OpenAIError
+from shared.protocol.megatron import MegatronRequest, MegatronResponse
+from shared.protocol.openai import (ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelCard,
+                                    ModelList)
 from shared.protocol.docs import serve_docs
 
 MAX_BODY_BYTES = 8 << 20
@@ -158,4 +162,47 @@ def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRunt
             return Response(b"", media_type="text/plain; version=0.0.4")
         return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
 
+    typed_openapi(app)
+
     return app
+
+
+# (path, method) -> (request model, response model, error model): the routes read their bodies
+# themselves (to answer each API's own error shape), so the spec names the protocol's models
+ROUTE_MODELS = {
+    ("/api", "put"): (MegatronRequest, MegatronResponse, MegatronError),
+    ("/v1/completions", "post"): (CompletionRequest, CompletionResponse, OpenAIError),
+    ("/v1/chat/completions", "post"): (ChatRequest, ChatResponse, OpenAIError),
+    ("/v1/models", "get"): (None, ModelList, OpenAIError),
+    ("/v1/models/{model_id}", "get"): (None, ModelCard, OpenAIError),
+}
+
+
+def typed_openapi(app: FastAPI) -> None:
+    """The OpenAPI document with the protocol package's request, response and error models."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+
+        def ref(model) -> dict:
+            s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(s.pop("$defs", {}))
+            schemas[model.__name__] = s
+            return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+        for (path, method), (req, resp, err) in ROUTE_MODELS.items():
+            op = spec["paths"][path][method]
+            if req is not None:
+                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(req)}}}
+            op["responses"] = {
+                "200": {"description": "the answer", "content": {"application/json": {"schema": ref(resp)}}},
+                "4XX": {"description": "a refused request (429 carries Retry-After)",
+                        "content": {"application/json": {"schema": ref(err)}}}}
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi

@@ -62,3 +62,12 @@ def test_standalone_server_openapi_is_valid(standalone):
     spec = standalone.get("/openapi.json").json()
     validate(spec)
     assert {"/api", "/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    for path, method, req, resp in (("/api", "put", "MegatronRequest", "MegatronResponse"),
+                                    ("/v1/completions", "post", "CompletionRequest", "CompletionResponse"),
+                                    ("/v1/chat/completions", "post", "ChatRequest", "ChatResponse")):
+        op = spec["paths"][path][method]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + req)
+        assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + resp)
+        assert "4XX" in op["responses"]
+    assert "prompt" in spec["components"]["schemas"]["CompletionRequest"]["properties"]
+
