@@ -118,7 +118,7 @@ class Check:
             t = time.perf_counter()
             self.engine = Engine(self.tmp, dtype="bf16" if self.cuda else "fp32", max_batch=16,
                                  max_seq_len=128 if self.tiny else 1024, in_process=True, decode_plan=plan,
-                                 source=ModelSource(str(self.tmp / "config.json"), "random"))
+                                 source=ModelSource.random(self.tmp / "config.json"))
             self.engine.eos_ids = ()
             self.results["engine_load_s"] = time.perf_counter() - t
         return self.engine
@@ -151,7 +151,7 @@ class Check:
         from shared.model.ops import EAGER
 
         eng = self._engine()
-        w = eng.local_worker()
+        w = eng.local_rank_engine()
         b, dev = 4, w.ctx.device
         ids = torch.randint(2, eng.cfg.vocab_size, (b, 1), generator=torch.Generator().manual_seed(1)).to(dev)
         pos = torch.tensor([[5], [17], [33], [60]], device=dev)
@@ -258,26 +258,27 @@ def _hf_model(tf, shape: dict, dtype: torch.dtype, device: str):
 
 def _our_train_steps(shape: dict, tmp: Path, batch: int, seq: int, steps: int, cuda: bool) -> float:
     """Median seconds of our training step (one rank: 1F1B, fp32 masters, AdamW, clipping)."""
+    from shared.checkpoint.opener import Checkpoint
     from shared.config import ModelConfig
     from shared.parallel.dims import ParallelDims
     from shared.parallel.launcher import ProcessGroupPool
     from shared.training import TrainConfig
-    from shared.training import rank as R
+    from shared.training import rank as rank_fns
 
     (tmp / "train.json").write_text(json.dumps(hf_config(shape)))
     cfg = ModelConfig.from_hf(hf_config(shape))
     config = TrainConfig(load=str(tmp), save=str(tmp / "unused"), data_path=("unused",), train_iters=1,
                          micro_batch_size=batch, global_batch_size=batch, seq_length=seq, lr=1e-5, bf16=cuda)
-    plan = R.RankPlan(config, cfg.to_dict(), "random", str(tmp / "train.json"), None)
+    plan = rank_fns.RankPlan(config, cfg.to_dict(), Checkpoint.random(tmp / "train.json"), None)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, seq)
     dims = ParallelDims()
     with ProcessGroupPool(1, threads=torch.get_num_threads(), timeout_s=1200) as pool:
-        pool.run(dims, R.rank_setup, "check", plan)
-        step = lambda: pool.run(dims, R.rank_step, "check", tokens, mask, int(mask.sum()), 1e-5)  # noqa: E731
+        pool.run(dims, rank_fns.rank_setup, "check", plan)
+        step = lambda: pool.run(dims, rank_fns.rank_step, "check", tokens, mask, int(mask.sum()), 1e-5)  # noqa: E731
         step()  # warm-up: allocations, compilation
         times = sorted(_timed(step) for _ in range(steps))
-        pool.run(dims, R.rank_teardown, "check")
+        pool.run(dims, rank_fns.rank_teardown, "check")
     return times[len(times) // 2]
 
 

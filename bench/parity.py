@@ -48,15 +48,16 @@ def write_random_hf(directory: Path, config: dict, dtype="bf16", shard_bytes: in
     time into safetensors shards with an index. Returns the bytes of weights written."""
     import torch
 
-    from shared.checkpoint import layout as L
-    from shared.checkpoint.safe_io import DTYPES, StreamingSafetensorsWriter
+    from shared.checkpoint import layout as param_layout
+    from shared.checkpoint.writer import StreamingSafetensorsWriter
+    from shared.dtypes import parse_dtype
     from shared.config import ModelConfig
 
-    cfg, dt = ModelConfig.from_hf(config), DTYPES[dtype]
-    names = L.hf_names(cfg)
+    cfg, dt = ModelConfig.from_hf(config), parse_dtype(dtype)
+    names = param_layout.hf_names(cfg)
     groups, used = [[]], 0
     for n in names:
-        size = torch.Size(L.hf_shape(cfg, n)).numel() * dt.itemsize
+        size = torch.Size(param_layout.hf_shape(cfg, n)).numel() * dt.itemsize
         if groups[-1] and used + size > shard_bytes:
             groups.append([])
             used = 0
@@ -66,10 +67,10 @@ def write_random_hf(directory: Path, config: dict, dtype="bf16", shard_bytes: in
     files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     g, total = torch.Generator().manual_seed(seed), 0
     for fname, group in zip(files, groups):
-        entries = [(n, L.hf_shape(cfg, n), dt) for n in group]
+        entries = [(n, param_layout.hf_shape(cfg, n), dt) for n in group]
         w = StreamingSafetensorsWriter(directory / fname, entries, {"format": "pt"})
         for n in group:
-            t = torch.empty(L.hf_shape(cfg, n), dtype=dt)
+            t = torch.empty(param_layout.hf_shape(cfg, n), dtype=dt)
             t.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.02, generator=g)
             w.add(n, t)
             total += t.numel() * dt.itemsize

@@ -206,7 +206,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def make_big_checkpoint(out: Path, gib: float) -> None:
     """The tiny HF checkpoint plus ``gib`` GiB of random bytes in extra/blob-N.bin (at most 512 MiB each)."""
-    from tests.services.helpers import make_hf_checkpoint
+    from shared.samples import make_hf_checkpoint
 
     make_hf_checkpoint(out)
     (out / "extra").mkdir()
@@ -322,7 +322,7 @@ def main() -> int:
     if unknown := set(backends) - {"sqlite", "postgresql"}:
         ap.error(f"unknown backends {sorted(unknown)}; choose from sqlite, postgresql")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from tests.services.helpers import make_hf_checkpoint
+    from shared.samples import make_hf_checkpoint
 
     pg = None
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
@@ -332,7 +332,7 @@ def main() -> int:
             for backend in backends:
                 db = None
                 if backend == "postgresql":
-                    from tests.services.pg import PostgresServer
+                    from services.postgres import PostgresServer
 
                     pg = pg or PostgresServer().start()
                     db = pg.new_database()

@@ -24,7 +24,7 @@ import torch
 from shared.parallel.dims import ParallelDims
 from shared.parallel.launcher import ProcessGroupPool
 from shared.training import TrainConfig
-from shared.training import rank as R
+from shared.training import rank as rank_fns
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=5e5,
@@ -77,6 +77,7 @@ def main(argv=None) -> None:
         ap.error("--model llama-1b needs a GPU")
     with tempfile.TemporaryDirectory() as tmp:
         directory = model_dir(args.model, Path(tmp))
+        from shared.checkpoint.opener import open_checkpoint
         from shared.config import ModelConfig
 
         cfg = ModelConfig.from_hf_file(directory / "config.json")
@@ -86,14 +87,14 @@ def main(argv=None) -> None:
         config = TrainConfig(load=str(directory), save=str(Path(tmp) / "unused"), data_path=("unused",), train_iters=1,
                              micro_batch_size=args.batch, global_batch_size=args.batch, seq_length=args.seq,
                              lr=1e-5, clip_grad=1.0, bf16=bf16)
-        plan = R.RankPlan(config, cfg.to_dict(), "hf", str(directory), None)
+        plan = rank_fns.RankPlan(config, cfg.to_dict(), open_checkpoint(directory), None)
         dims = ParallelDims()
         with ProcessGroupPool(1, threads=torch.get_num_threads(), timeout_s=3600) as pool:
-            pool.run(dims, R.rank_setup, "bench", plan)
+            pool.run(dims, rank_fns.rank_setup, "bench", plan)
             model, hf_step = hf_stepper(directory, device, bf16)
 
             def ours() -> float:
-                return pool.run(dims, R.rank_step, "bench", tokens, mask, int(mask.sum()), 1e-5)[0]["loss"]
+                return pool.run(dims, rank_fns.rank_step, "bench", tokens, mask, int(mask.sum()), 1e-5)[0]["loss"]
 
             ours(), hf_step(tokens)  # warm-up (allocations, kernels)
             times = {"ours": [], "hf": []}
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
                     t0 = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t0)
-            pool.run(dims, R.rank_teardown, "bench")
+            pool.run(dims, rank_fns.rank_teardown, "bench")
         del model
     n = args.batch * args.seq
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.routes import checkpoints, datasets, deployments, generate, jobs, ops, uploads
-from gateway.core.config import Settings, get_settings
+from shared.settings import Settings, get_settings
 from gateway.core.services import Services
 from gateway.edge import RequestIdMiddleware, UploadGate
 from gateway.limits import BodyLimitMiddleware, upload_limit
@@ -35,7 +35,20 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     settings = settings or get_settings()
     settings.require_api_keys()
     setup_json_logging(settings.log_level)
+    app = FastAPI(title="llama-megatron-svc", version="0.1.0", lifespan=_lifespan(settings, reaper),
+                  docs_url=None, redoc_url=None,
+                  description="Convert, reshard, export, finetune and serve Llama-family checkpoints. "
+                              "Authenticate with `Authorization: Bearer <key>`.")
+    for r in (jobs.router, uploads.checkpoint_router, uploads.dataset_router, checkpoints.router, datasets.router,
+              deployments.router, generate.router, ops.router):
+        app.include_router(r)
+    serve_docs(app)
+    _install_error_handlers(app)
+    _install_middleware(app, settings)
+    return app
 
+
+def _lifespan(settings: Settings, reaper: bool):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc = Services.build(settings)
@@ -47,13 +60,12 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         yield
         svc.close()
 
-    app = FastAPI(title="llama-megatron-svc", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Convert, reshard, export, finetune and serve Llama-family checkpoints. "
-                              "Authenticate with `Authorization: Bearer <key>`.")
-    for r in (jobs.router, uploads.checkpoint_router, uploads.dataset_router, checkpoints.router, datasets.router, deployments.router, generate.router,
-              ops.router):
-        app.include_router(r)
-    serve_docs(app)
+    return lifespan
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Errors in each route family's own shape: OpenAI's on /v1/completions etc., Megatron's
+    ``message`` on /api, FastAPI's ``detail`` elsewhere; never a traceback."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -71,7 +83,8 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     async def _http(request: Request, exc: HTTPException):
         path, headers = request.url.path, getattr(exc, "headers", None)
         if path.startswith(OPENAI_PREFIXES):
-            return JSONResponse(openai_error(exc.status_code, str(exc.detail)), exc.status_code, headers=headers)
+            body = openai_error(exc.status_code, str(exc.detail), getattr(exc, "param", None))
+            return JSONResponse(body, exc.status_code, headers=headers)
         body = {"detail": exc.detail}
         if path == "/api":
             body.update(megatron_error(str(exc.detail)))
@@ -83,6 +96,8 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         return JSONResponse({"detail": f"internal server error (request {rid})"}, status_code=500,
                             headers={"X-Request-ID": rid} if rid else None)
 
+
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
     def limit_for(scope) -> int:
         upload = upload_limit(settings, scope)
         return upload[0] if upload else settings.max_body_bytes
@@ -105,7 +120,6 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         return response
 
     app.add_middleware(RequestIdMiddleware)
-    return app
 
 
 def __getattr__(name: str):

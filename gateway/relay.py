@@ -25,7 +25,7 @@ import redis
 from anyio import to_thread
 from fastapi import HTTPException
 
-from gateway.api.deps import model_positions
+from gateway.core.manifests import model_positions
 from gateway.core.services import Services
 from shared.jobs import placement
 from shared.jobs.transport import GENERATE_REQUEST
@@ -39,6 +39,15 @@ WORKERS_TTL_S = 1.0
 _workers_until: dict[int, tuple[float, list]] = {}
 _ORIGIN = f"gateway{os.getpid()}@{socket.gethostname()}"
 _info_until: dict[tuple[int, str, str], tuple[float, dict]] = {}
+
+
+class ApiError(HTTPException):
+    """An HTTPException naming the offending request field: OpenAI's error body carries it as
+    ``param`` (the gateway's handler reads it), as the standalone server's does."""
+
+    def __init__(self, status_code: int, detail: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(status_code, detail, headers=headers)
+        self.param = param
 
 
 async def model_info(svc: Services, team: str, model: str) -> dict | None:
@@ -126,7 +135,7 @@ async def _pop(svc: Services, key: str, timeout: float) -> dict:
     if reply.error is not None:
         err = reply.error
         headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-        raise HTTPException(err.status, err.message, headers=headers)
+        raise ApiError(err.status, err.message, err.param, headers=headers)
     return reply.model_dump(exclude_none=True)
 
 
@@ -173,7 +182,7 @@ async def stream(svc: Services, request: RelayRequest) -> AsyncIterator[dict]:  
                 try:
                     msg = await _pop(svc, key, timeout)
                 except HTTPException as e:
-                    yield openai_error(e.status_code, e.detail)
+                    yield openai_error(e.status_code, e.detail, getattr(e, "param", None))
                     return
         finally:
             svc.generations.release()

@@ -41,7 +41,7 @@ class LocalStack:
     def __init__(self, data_dir: Path | str | None = None, *, port: int = 0, redis_url: str | None = None,
                  storage_url: str | None = None, api_keys: dict[str, str] | None = None,
                  queues: tuple[str, ...] = QUEUES, env: dict[str, str] | None = None, quiet: bool = True,
-                 restart_workers: bool = False):
+                 restart_workers: bool = False, worker_heartbeat: bool = False):
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="llama-svc-")
         self.data_dir = Path(data_dir or self._tmp).resolve()
         self.port = port or free_port()
@@ -53,6 +53,8 @@ class LocalStack:
         self._redis_port: int | None = None
         self.logs = self.data_dir / "logs"
         self.restart_workers, self.restarts = restart_workers, 0
+        # workers send Celery's worker-heartbeat events (what an event monitor such as Flower sees)
+        self.worker_heartbeat = worker_heartbeat
         self._cmds: dict[str, list[str]] = {}
         self._lock = threading.RLock()
         self._closing = threading.Event()
@@ -124,7 +126,8 @@ class LocalStack:
         name = name or f"worker-{queue}"
         self._spawn(name, [sys.executable, "-m", "celery", "-A", "services.worker", "worker", "-Q", queue,
                            "--pool", "solo", "-n", f"{name}-{os.getpid()}@%h", "--without-gossip",
-                           "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"])
+                           "--without-mingle", *(() if self.worker_heartbeat else ("--without-heartbeat",)),
+                           "--loglevel", "INFO"])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self._stop(name, sig, grace=0)

@@ -17,6 +17,12 @@ the child has exited, whatever the outcome, and a starting worker removes every 
 that is not its job's running attempt (left by a killed worker). Error messages recorded in a
 job never carry host paths (``shared.paths.redact``).
 
+Every job kind goes through ``job_task``: convert/reshard/export/import and finetune/eval in a
+supervised child, batch generation on the generate worker's own job thread (its models stay warm
+in the worker). Progress of every kind is one ``shared.jobs.progress.Progress`` record, passed
+through one ``ProgressThrottle``; every job that commits a checkpoint does it with
+``commit_output`` (retry-safe and cancellation-aware).
+
 Run a worker:  celery -A services.worker worker -Q convert --pool solo -n convert@%h
 """
 
@@ -36,18 +42,20 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from celery import signals
 
-from gateway.core.config import get_settings
 from shared.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from shared.jobs.logs import job_id_var, setup_json_logging
+from shared.jobs.progress import ProgressThrottle, bytes_progress
 from shared.jobs.reaper import dispatch as redispatch
 from shared.jobs.transport import make_celery, job_task_name
 from shared.paths import redact
-from shared.storage import CheckpointStore, open_store
+from shared.settings import get_settings
+from shared.storage import CheckpointExists, CheckpointStore, CommitCancelled, open_store
 
 log = logging.getLogger("llama_svc.worker")
 settings = get_settings()
@@ -122,6 +130,7 @@ class JobContext:
         self.job, self.store = job, store
         self.lost, self.cancel = threading.Event(), threading.Event()
         self._stop = threading.Event()
+        self.progress = _throttle(job, store)
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"heartbeat-{job.id[:8]}")
 
     def __enter__(self) -> "JobContext":
@@ -217,13 +226,18 @@ def _remove_tree(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the decorator
-def job_task(queue: str) -> Callable:
-    """Register ``fn(job, ctx) -> result dict`` as the job task of ``queue``."""
+def job_task(queue: str, *, submit: Callable[..., Any] | None = None) -> Callable:
+    """Register ``fn(job, ctx) -> result dict`` as the job task of ``queue``, under ``run_job``'s
+    policy. ``submit(run_job, fn, job_id, dispatch)``: run it elsewhere than inline in the Celery
+    task, e.g. on a thread of the worker (the generate queue's batch jobs)."""
 
     def deco(fn: Callable[[Job, JobContext], dict]):
         @app.task(name=job_task_name(queue), acks_late=False, ignore_result=True)
         def task(job_id: str, dispatch: int) -> None:
-            run_job(fn, job_id, dispatch)
+            if submit is None:
+                run_job(fn, job_id, dispatch)
+            else:
+                submit(run_job, fn, job_id, dispatch)
 
         task.job_fn = fn
         return task
@@ -303,20 +317,10 @@ class ChildContext:
 
     def __init__(self, job: Job, store: JobStore, parent_pid: int):
         self.job, self.store, self.parent_pid = job, store, parent_pid
-        self._last_progress, self._last_phase, self._last_check, self._cancel = 0.0, None, 0.0, False
+        self._last_check, self._cancel = 0.0, False
         self.workdir = work_dir(job.id, job.attempts)
         self.checkpoints = checkpoint_store()
-
-    def progress(self, p) -> None:
-        """Accepts a dataclass (e.g. shared.checkpoint.convert.Progress) or a dict; throttled."""
-        d = p if isinstance(p, dict) else (dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(vars(p)))
-        now = time.time()
-        phase_changed = d.get("phase") != self._last_phase
-        done = d.get("total") and d.get("current") == d.get("total")
-        if not (phase_changed or done or now - self._last_progress >= 0.5):
-            return
-        self._last_progress, self._last_phase = now, d.get("phase")
-        self.store.set_progress(self.job.id, self.job.attempts, {**d, "ts": now})
+        self.progress = _throttle(job, store)
 
     def should_cancel(self) -> bool:
         if self._cancel:
@@ -330,6 +334,71 @@ class ChildContext:
             j = self.store.get(self.job.id)
             self._cancel = j is None or j.cancel_requested or j.state != "running" or j.attempts != self.job.attempts
         return self._cancel
+
+
+def _throttle(job: Job, store: JobStore) -> ProgressThrottle:
+    """``progress(Progress)`` of one attempt: throttled, then stored in the job record."""
+    return ProgressThrottle(lambda record: store.set_progress(job.id, job.attempts, record))
+
+
+# ---------------------------------------------------------------- committing a job's output
+@dataclass
+class Output:
+    """What a job produced for ``commit_output``: the directory to commit, the manifest fields to
+    add (``service`` merged with the job's own), and the job's result fields (kept in the
+    manifest, so that a retry after the commit returns them without redoing the work)."""
+    directory: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def commit_output(ctx: ChildContext | JobContext, name: str, produce: Callable[[], Output], *,
+                  store: CheckpointStore | None = None, source_manifest: bool = True) -> dict:
+    """Produce the job's output checkpoint ``name`` and commit it (manifest last); the job's result.
+
+    Retry-safe: when ``name`` exists and its manifest's ``service.job_id`` is this job's id, an
+    earlier attempt committed it and died before recording the outcome: its summary is returned
+    and ``produce`` is never called (no fetch, no conversion, no training). A checkpoint of that
+    name from anything else raises ``CheckpointExists`` before any work. Cancellation-aware: a
+    cancel before the commit or during its upload raises ``JobCancelled`` and leaves nothing
+    visible (the commit deletes what it put; it never reached its manifest).
+    """
+    job, store = ctx.job, store or checkpoint_store()
+    earlier = committed_by(store, job, name)
+    if earlier is not None:
+        log.info("output %r was committed by an earlier attempt of this job; not redoing it", name)
+        return output_summary(name, earlier)
+    out = produce()
+    if ctx.should_cancel():
+        raise JobCancelled("cancelled before the commit; nothing is visible")
+    service = {"job_id": job.id, "kind": job.kind, "team": job.team, **out.meta.get("service", {}),
+               "result": out.result}
+    try:
+        manifest = store.commit(job.team, name, out.directory, meta={**out.meta, "service": service},
+                                source_manifest=source_manifest, should_cancel=ctx.should_cancel,
+                                progress=lambda done, total: ctx.progress(bytes_progress("upload", done, total)))
+    except CommitCancelled as e:
+        raise JobCancelled(str(e)) from None
+    return output_summary(name, manifest)
+
+
+def committed_by(store: CheckpointStore, job: Job, name: str) -> dict | None:
+    """The manifest of ``name`` when this job committed it; None when it does not exist yet."""
+    if not store.exists(job.team, name):
+        return None
+    manifest = store.manifest(job.team, name)
+    if (manifest.get("service") or {}).get("job_id") != job.id:
+        raise CheckpointExists(f"checkpoint {name!r} already exists; choose another output name")
+    return manifest
+
+
+def output_summary(name: str, manifest: dict) -> dict:
+    """A committing job's result: its own result fields, and what was committed."""
+    lay = manifest.get("layout") or {}
+    return {**((manifest.get("service") or {}).get("result") or {}),
+            "checkpoint": name, "format": manifest.get("format"), "tp": lay.get("tp"), "pp": lay.get("pp"),
+            "dtype": manifest.get("dtype"), "files": len(manifest["storage"]["files"]),
+            "bytes": manifest["storage"]["bytes"]}
 
 
 def _die_with_parent(parent_pid: int) -> None:

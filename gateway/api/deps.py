@@ -5,7 +5,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.core.services import Services
-from shared.config import ModelConfig
 
 
 def get_services(request: Request) -> Services:
@@ -13,23 +12,3 @@ def get_services(request: Request) -> Services:
 
 
 Svc = Annotated[Services, Depends(get_services)]
-
-
-def model_positions(manifest: dict) -> int | None:
-    """A stored checkpoint's position limit (``max_position_embeddings``), native or HF upload."""
-    model = manifest.get("model") or manifest.get("hf_config") or {}
-    value = model.get("max_position_embeddings") if isinstance(model, dict) else None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def model_config(manifest: dict) -> ModelConfig | None:
-    """A stored checkpoint's model config (native ``model`` or an HF upload's ``hf_config``), or None
-    when it cannot be read here (the job's worker then reports why)."""
-    try:
-        if isinstance(manifest.get("model"), dict):
-            return ModelConfig.from_dict(manifest["model"])
-        if isinstance(manifest.get("hf_config"), dict):
-            return ModelConfig.from_hf(manifest["hf_config"])
-    except (ValueError, KeyError, TypeError):
-        return None
-    return None

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.protocol.limits import Name, Seed
-from shared.training.config import DECAY_STYLES, FINETUNE_METHODS, LORA_TARGETS, OVERLONG
+from shared.protocol.limits import MAX_SEED, Fraction, Name, NewTokens, Prompts, Seed, Temperature, TopK
+from shared.specs.train import DECAY_STYLES, FINETUNE_METHODS, LORA_TARGETS, OVERLONG
 Dtype = Literal["fp32", "fp16", "bf16"]
 
 
@@ -79,7 +79,7 @@ class FinetuneConfig(_Strict):
     adam_beta1: float | None = _opt(0, lt=1)
     adam_beta2: float | None = _opt(0, lt=1)
     adam_eps: float | None = _opt(gt=0, le=1)
-    seed: int | None = _opt(0, (1 << 63) - 1)
+    seed: int | None = _opt(0, MAX_SEED)
     tensor_model_parallel_size: int | None = _opt(1, 64)
     pipeline_model_parallel_size: int | None = _opt(1, 64)
     world_size: int | None = _opt(1, 1024, description="processes (default TP x PP); at most what a worker offers")
@@ -153,11 +153,12 @@ class GenerateJob(_Strict):
     """Batch generation; results are kept in the job record."""
     kind: Literal["generate"]
     model: Name
-    prompts: list[str] = Field(min_length=1)
-    tokens_to_generate: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0, le=100)
-    top_k: int = Field(0, ge=0, le=1000)
-    top_p: float = Field(0.0, ge=0, le=1)
+    prompts: Prompts
+    # without logprobs a job must generate (Megatron: tokens_to_generate=0 implies logprobs)
+    tokens_to_generate: Annotated[NewTokens, Field(ge=1)] = 64
+    temperature: Temperature = 1.0
+    top_k: TopK = 0
+    top_p: Fraction = 0.0
     random_seed: Seed | None = None
 
 

@@ -21,7 +21,7 @@ from shared.storage import CheckpointStore, dataset_store, open_store
 from shared.storage.uploads import UploadSessions
 from shared.jobs.placement import Deployments
 
-from .config import Settings
+from shared.settings import Settings
 
 log = logging.getLogger("llama_svc.gateway")
 POOL_SPARE = 16          # async Redis connections beyond one per generation in flight (uploads, publishes)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from shared.checkpoint.presets import PRESETS
+from shared.cli import add_dataclass_arguments, dataclass_kwargs
 
 EPILOG = """\
 examples:
@@ -36,7 +36,56 @@ exit status: 0 success, 2 bad input (one line on stderr saying what to fix), 130
 """
 
 
+def _options() -> dict[str, dict]:
+    """Megatron-LM's flag spellings and help for the ``ConvertOptions`` fields (their defaults and
+    types come from the dataclass)."""
+    from shared.checkpoint import megatron_lm
+    from shared.checkpoint.convert import CHECKPOINT_TYPES, CKPT_FORMATS, LOADERS, SAVERS
+
+    return {
+        "loader": dict(choices=LOADERS, help="llama_mistral: an HF or Meta Llama/Mistral checkpoint (see "
+                       "--checkpoint-type); mcore: a checkpoint this tool wrote, Megatron-LM's torch layout, or a "
+                       "training run directory (--save OUT of services.train: its latest iteration) "
+                       "(default: %(default)s)"),
+        "saver": dict(choices=SAVERS, help="mcore / megatron: a Megatron-style sharded checkpoint (format from "
+                      "--ckpt-format; both names write megatron-core parameter names); hf: an HF checkpoint "
+                      "(default: %(default)s)"),
+        "checkpoint_type": dict(choices=CHECKPOINT_TYPES, help="with --loader llama_mistral: hf (config.json + "
+                                "safetensors/bin) or meta (params.json + consolidated.NN.pth) (default: %(default)s)"),
+        "model_size": dict(choices=sorted(PRESETS), metavar="PRESET", help="optional cross-check of the source's "
+                           f"architecture against a known model ({', '.join(PRESETS)}); a disagreement is an error"),
+        "load_dir": dict(help="the source checkpoint directory"),
+        "save_dir": dict(help="the output directory; must be empty or absent unless --overwrite"),
+        "tokenizer_model": dict(help="a SentencePiece tokenizer.model file or an HF tokenizer directory (default: "
+                                "the one inside --load-dir). It is copied into the output"),
+        "target_tp": dict(flag="--target-tensor-parallel-size", metavar="TP", help="tensor-parallel size of the "
+                          "output; must divide heads, kv heads and FFN (default: %(default)s)"),
+        "target_pp": dict(flag="--target-pipeline-parallel-size", metavar="PP", help="pipeline-parallel size of "
+                          "the output; must divide the layer count (default: %(default)s)"),
+        "make_vocab_size_divisible_by": dict(metavar="M", help="pad the vocabulary to a multiple of M x TP, as "
+                                             "Megatron does (default: %(default)s)"),
+        "true_vocab_size": dict(metavar="V", help="the real vocabulary size when the source embedding has extra "
+                                "rows (default: config.json's)"),
+        "ckpt_format": dict(choices=CKPT_FORMATS, help="native: per-rank safetensors + manifest (loads in this "
+                            "project's services); torch: Megatron-LM's iter_0000001/mp_rank_*/model_optim_rng.pt "
+                            "layout (default: %(default)s)"),
+        "transformer_impl": dict(flag="--saver-transformer-impl", choices=megatron_lm.IMPLS, help="parameter names "
+                                 "for --ckpt-format torch: megatron-core's local layer spec or the Transformer "
+                                 "Engine spec (norms fused into the linears); same weights (default: %(default)s)"),
+        "validate": dict(help="skip the parity report (logits, log-probs, top-1 tokens and every layer's hidden "
+                         "states against HF transformers on the source weights, run layer by layer at the target "
+                         "TP/PP in bounded memory), which otherwise runs for every conversion"),
+        "validate_dtype": dict(choices=("fp32", "bf16"), help="compute dtype of the parity report; bf16 has its "
+                               "own, looser tolerance (default: %(default)s)"),
+        "overwrite": dict(help="replace a non-empty --save-dir; the old contents stay until the new checkpoint is "
+                          "complete"),
+        **{name: dict(cli=False) for name in ("dtype", "command", "source_label")},
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from shared.checkpoint.convert import ConvertOptions
+
     p = argparse.ArgumentParser(
         prog="python -m services.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert Llama-family checkpoints (HF, Meta) into a Megatron-style tensor/pipeline-parallel "
@@ -45,51 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG)
     p.add_argument("--model-type", default="GPT", choices=["GPT"],
                    help="model family; only GPT (decoder-only) exists. Accepted for compatibility with Megatron-LM")
-    p.add_argument("--loader", default="llama_mistral", choices=["llama_mistral", "mcore"],
-                   help="llama_mistral: an HF or Meta Llama/Mistral checkpoint (see --checkpoint-type); "
-                        "mcore: a checkpoint this tool wrote, or Megatron-LM's torch layout (default: %(default)s)")
-    p.add_argument("--saver", default="mcore", choices=["mcore", "megatron", "hf"],
-                   help="mcore / megatron: a Megatron-style sharded checkpoint (format from --ckpt-format; both "
-                        "names write megatron-core parameter names); hf: an HF checkpoint (default: %(default)s)")
-    p.add_argument("--checkpoint-type", default="hf", choices=["hf", "meta"],
-                   help="with --loader llama_mistral: hf (config.json + safetensors/bin) or meta "
-                        "(params.json + consolidated.NN.pth) (default: %(default)s)")
-    p.add_argument("--model-size", choices=sorted(PRESETS), metavar="PRESET",
-                   help="optional cross-check of the source's architecture against a known model "
-                        f"({', '.join(PRESETS)}); a disagreement is an error")
-    p.add_argument("--load-dir", required=True, type=Path, help="the source checkpoint directory")
-    p.add_argument("--save-dir", required=True, type=Path,
-                   help="the output directory; must be empty or absent unless --overwrite")
-    p.add_argument("--tokenizer-model", type=Path,
-                   help="a SentencePiece tokenizer.model file or an HF tokenizer directory (default: the one "
-                        "inside --load-dir). It is copied into the output")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP",
-                   help="tensor-parallel size of the output; must divide heads, kv heads and FFN (default: 1)")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP",
-                   help="pipeline-parallel size of the output; must divide the layer count (default: 1)")
+    add_dataclass_arguments(p, ConvertOptions, overrides=_options())
     g = p.add_mutually_exclusive_group()
     g.add_argument("--bf16", action="store_const", dest="dtype", const="bf16", help="store weights in bfloat16")
     g.add_argument("--fp16", action="store_const", dest="dtype", const="fp16", help="store weights in float16")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], dest="dtype",
                    help="store weights in this dtype (default: the source's dtype)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="M",
-                   help="pad the vocabulary to a multiple of M x TP, as Megatron does (default: %(default)s)")
-    p.add_argument("--true-vocab-size", type=int, metavar="V",
-                   help="the real vocabulary size when the source embedding has extra rows (default: config.json's)")
-    p.add_argument("--ckpt-format", default="native", choices=["native", "torch"],
-                   help="native: per-rank safetensors + manifest (loads in this project's services); torch: "
-                        "Megatron-LM's iter_0000001/mp_rank_*/model_optim_rng.pt layout (default: %(default)s)")
-    p.add_argument("--saver-transformer-impl", default="local", choices=["local", "transformer_engine"],
-                   help="parameter names for --ckpt-format torch: megatron-core's local layer spec or the "
-                        "Transformer Engine spec (norms fused into the linears); same weights (default: %(default)s)")
-    p.add_argument("--no-validate", dest="validate", action="store_false",
-                   help="skip the parity report (logits, log-probs, top-1 tokens and every layer's hidden states "
-                        "against HF transformers on the source weights, run layer by layer at the target TP/PP "
-                        "in bounded memory), which otherwise runs for every conversion")
-    p.add_argument("--validate-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="compute dtype of the parity report; bf16 has its own, looser tolerance (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --save-dir; the old contents stay until the new checkpoint is complete")
     return p
 
 
@@ -99,15 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from shared.checkpoint.convert import Cancelled, ConvertOptions, convert
     from shared.checkpoint.progress import TerminalProgress
 
-    opts = ConvertOptions(
-        load_dir=args.load_dir, save_dir=args.save_dir, loader=args.loader, checkpoint_type=args.checkpoint_type,
-        saver=args.saver, ckpt_format=args.ckpt_format, target_tp=args.target_tensor_parallel_size,
-        target_pp=args.target_pipeline_parallel_size, dtype=args.dtype, tokenizer_model=args.tokenizer_model,
-        model_size=args.model_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        true_vocab_size=args.true_vocab_size, validate=args.validate, validate_dtype=args.validate_dtype,
-        overwrite=args.overwrite,
-        transformer_impl=args.saver_transformer_impl,
-        command="python -m services.convert " + " ".join(shlex.quote(a) for a in argv))
+    opts = ConvertOptions(**dataclass_kwargs(args, ConvertOptions),
+                          command="python -m services.convert " + " ".join(shlex.quote(a) for a in argv))
     try:
         result = convert(opts, progress=TerminalProgress(sys.stderr))
     except (ValueError, OSError) as e:  # every input problem is a ValueError subclass with its fix

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
+from services.worker import ChildContext, Job, Output, commit_output
 from shared.checkpoint.upload import BadUpload, check_file_list, check_hf_dir, upload_meta
 from shared.files import sha256_file
+from shared.jobs.progress import bytes_progress
 from shared.storage import DATASET_FILE, CheckpointStore, IntegrityError, dataset_store
-from shared.training.records import DataError, check_jsonl
+from shared.specs.records import DataError, check_jsonl
 from shared.storage.uploads import UploadSessions, granted
 
 
@@ -23,35 +24,39 @@ class ImportRefused(ValueError):
     """The import names a source the team may not read, or one this store cannot reach."""
 
 
-def run_import(params: dict, *, team: str, job_id: str, checkpoints: CheckpointStore, workdir: Path,
-               grants: list[str], progress: Callable[[dict], None]) -> dict:
-    """Fetch, verify, check and commit; returns the committed manifest."""
-    out, dataset = params["output"], params.get("target") == "dataset"
-    store = dataset_store(checkpoints.store) if dataset else checkpoints
-    if store.exists(team, out):
-        m = store.manifest(team, out)
-        if m.get("service", {}).get("job_id") == job_id:  # an earlier attempt committed it
-            return m
-    dest = workdir / "source"
-    sessions = UploadSessions(checkpoints.store)
-    record = sessions.get(team, params["upload"]) if params.get("upload") else None
+def run_import(job: Job, ctx: ChildContext, *, grants: list[str]) -> dict:
+    """Fetch, verify, check and commit (``commit_output``); returns the job's result. A direct
+    upload's session is discarded once its files are committed or refused."""
+    dataset = job.params.get("target") == "dataset"
+    store = dataset_store(ctx.checkpoints.store) if dataset else ctx.checkpoints
+    sessions = UploadSessions(ctx.checkpoints.store)
+    used: list[dict] = []  # the upload session read by this attempt, if any
     try:
-        if record is not None:
-            _fetch_upload(sessions, record, dest, progress)
-            where = {"upload": record["id"]}
-        else:
-            _fetch_granted(checkpoints, params["uri"], grants, dest, progress, single=DATASET_FILE if dataset else None)
-            where = {"imported_from": params["uri"]}
-        meta = _dataset_meta(dest, out) if dataset else upload_meta(check_hf_dir(dest), team)
-        meta["service"] = {**meta.get("service", {}), "team": team, "job_id": job_id, **where}
-        manifest = store.commit(team, out, dest, meta=meta)
+        result = commit_output(ctx, job.params["output"], lambda: _imported(job, ctx, sessions, used, grants, dataset),
+                               store=store, source_manifest=False)
     except (BadUpload, IntegrityError, DataError):
-        if record is not None:
+        for record in used:
             sessions.discard(record)  # the upload cannot become a checkpoint: nothing is kept
         raise
-    if record is not None:
+    for record in used:
         sessions.discard(record)
-    return manifest
+    return result
+
+
+def _imported(job: Job, ctx: ChildContext, sessions: UploadSessions, used: list[dict], grants: list[str],
+              dataset: bool) -> Output:
+    dest = ctx.workdir / "source"
+    if job.params.get("upload"):
+        used.append(sessions.get(job.team, job.params["upload"]))
+        _fetch_upload(sessions, used[0], dest, ctx.progress)
+        where = {"upload": used[0]["id"]}
+    else:
+        _fetch_granted(ctx.checkpoints, job.params["uri"], grants, dest, ctx.progress,
+                       single=DATASET_FILE if dataset else None)
+        where = {"imported_from": job.params["uri"]}
+    meta = _dataset_meta(dest, job.params["output"]) if dataset else upload_meta(check_hf_dir(dest), job.team)
+    meta["service"] = {**meta.get("service", {}), **where}
+    return Output(dest, meta)
 
 
 def _fetch_upload(sessions: UploadSessions, record: dict, dest: Path, progress) -> None:
@@ -65,7 +70,7 @@ def _fetch_upload(sessions: UploadSessions, record: dict, dest: Path, progress) 
             raise IntegrityError(f"{f['path']}: its sha256 is {digest}, but {f['sha256']} was declared; "
                                  "upload it again")
         done += f["size"]
-        progress({"phase": "fetch", "current": done, "total": total, "unit": "bytes"})
+        progress(bytes_progress("fetch", done, total))
 
 
 def _dataset_meta(dest: Path, name: str) -> dict:
@@ -95,4 +100,4 @@ def _fetch_granted(checkpoints: CheckpointStore, uri: str, grants: list[str], de
     for o, rel in zip(objects, rels):
         source.get_file(o.key, dest / rel)
         done += o.size
-        progress({"phase": "fetch", "current": done, "total": total, "unit": "bytes"})
+        progress(bytes_progress("fetch", done, total))

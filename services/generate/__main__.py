@@ -17,7 +17,7 @@ import sys
 
 
 def _dtype(name: str | None):
-    from shared.inference.engine import parse_dtype
+    from shared.dtypes import parse_dtype
 
     return parse_dtype(name)
 
@@ -85,7 +85,7 @@ def _parity(a) -> int:
     import torch
 
     from shared.checkpoint import parity
-    from shared.checkpoint.safe_io import parse_dtype
+    from shared.dtypes import parse_dtype
 
     torch.set_num_threads(1)  # the reference and the candidate run side by side, one core each
     rep = parity.check_directories(a.load, a.model_path, compute_dtype=parse_dtype(a.compute_dtype),

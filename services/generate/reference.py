@@ -26,13 +26,13 @@ def hf_reference(model_path: str | Path, prompts: Sequence[str], tokens_to_gener
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shared.checkpoint.hf import check_hf_dir
-    from shared.inference.source import ModelSource
+    from shared.checkpoint.opener import open_checkpoint
 
     check_hf_dir(Path(model_path))  # transformers opens the shards named in the index by itself
     tok = AutoTokenizer.from_pretrained(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
     if eos_ids is None:
-        eos_ids = ModelSource(str(model_path), "hf").eos_ids(tok)
+        eos_ids = open_checkpoint(model_path, formats=("hf",)).eos_ids(tok)
     out = []
     for p in prompts:
         ids = tok(p).input_ids

@@ -146,13 +146,16 @@ class GenerationRuntime:
         if any(not 0 <= int(t) < vocab for t in ids):
             raise RequestError(400, f"{param} must hold token ids in [0, {vocab})", param)
 
-    def _submit(self, reqs: list[SeqRequest]) -> list[Sequence]:
+    def _submit(self, reqs: list[SeqRequest], fields: tuple[str, str] | None = None) -> list[Sequence]:
+        """The sequences queued. ``fields`` names the request's new-token and prompt fields: the
+        ``param`` of a length error (the prompt's when one is empty)."""
         if self._closed:
             raise RequestError(503, "the model is not loaded")
         try:
             return self.scheduler.submit(reqs)
         except LengthError as e:
-            raise RequestError(400, str(e)) from None
+            tokens, prompt = fields or (None, None)
+            raise RequestError(400, str(e), prompt if any(not r.prompt_ids for r in reqs) else tokens) from None
 
     def _wait(self, endpoint: str, seqs: list[Sequence]) -> list[SeqResult]:
         try:
@@ -181,7 +184,7 @@ class GenerationRuntime:
 
     def _api(self, body: dict | MegatronRequest) -> tuple[dict, dict]:
         req = self._parse_api(body)
-        results = self._wait("api", self._submit(self._api_requests(req)))
+        results = self._wait("api", self._submit(self._api_requests(req), ("tokens_to_generate", "prompts")))
         texts, segments, logprobs, tokens = [], [], [], []
         for prompt, res in zip(req.prompts, results):
             ids = res.prompt_ids + res.token_ids
@@ -303,7 +306,7 @@ class GenerationRuntime:
 
     def _completions(self, body: Any) -> dict:
         reqs, req, ids = self._parse_completions(body)
-        results = self._wait("completions", self._submit(reqs))
+        results = self._wait("completions", self._submit(reqs, _fields(req)))
         choices = []
         for i, res in enumerate(results):
             prompt = self._prompt_text(req, i // req.n, ids) if req.echo else ""
@@ -342,7 +345,7 @@ class GenerationRuntime:
 
     def stream_completions(self, body: dict | CompletionRequest) -> Iterator[dict]:
         reqs, req, ids = self._observe("completions_stream", self._parse_completions, body)
-        seqs = self._submit(reqs)
+        seqs = self._submit(reqs, _fields(req))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(i, text, finish=None, logprobs=None):
@@ -399,7 +402,7 @@ class GenerationRuntime:
 
     def _chat_completions(self, body: Any) -> dict:
         reqs, req = self._parse_chat(body)
-        results = self._wait("chat", self._submit(reqs))
+        results = self._wait("chat", self._submit(reqs, _fields(req)))
         choices = []
         for i, res in enumerate(results):
             lp = self._chat_logprobs(res.token_ids, res.logprobs, res.top_logprobs) if req.logprobs else None
@@ -410,7 +413,7 @@ class GenerationRuntime:
 
     def stream_chat(self, body: dict | ChatRequest) -> Iterator[dict]:
         reqs, req = self._observe("chat_stream", self._parse_chat, body)
-        seqs = self._submit(reqs)
+        seqs = self._submit(reqs, _fields(req))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(i, delta, finish=None, logprobs=None):
@@ -441,6 +444,10 @@ class GenerationRuntime:
                 results[i] = item
             yield i, item
         self._observe_seqs(endpoint, seqs, [results[i] for i in range(len(seqs))])
+
+
+def _fields(req: CompletionRequest | ChatRequest) -> tuple[str, str]:
+    return req.tokens_field, req.PROMPT_FIELD
 
 
 def _merge(seqs: list[Sequence]) -> Iterator[tuple[int, Delta | SeqResult]]:

@@ -13,7 +13,7 @@ import json
 import threading
 from typing import Any, Callable, Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -72,11 +72,112 @@ def sse(chunks: Iterator[dict]) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRuntime) -> FastAPI:
-    """An app around a runtime, or around a factory that builds one in a background thread."""
-    holder = _Holder()
+def _holder(request: Request) -> _Holder:
+    return request.app.state.holder
 
-    def _load():
+
+def _runtime(request: Request) -> GenerationRuntime:
+    """The loaded runtime, or 503 (with Retry-After) while it loads or after it failed to."""
+    holder = _holder(request)
+    rt = holder.runtime
+    if rt is None or not rt.ready:
+        raise RequestError(503, holder.error or "the model is still loading", retry_after=1)
+    return rt
+
+
+# ---- Megatron ------------------------------------------------------------------------------
+megatron_router = APIRouter()
+
+
+@megatron_router.put("/api")
+async def api(request: Request):
+    try:
+        body = await body_of(request)
+        return JSONResponse(await run_in_threadpool(_runtime(request).api, body))
+    except (RequestError, Overloaded) as e:
+        return megatron_response(e)
+
+
+# ---- OpenAI --------------------------------------------------------------------------------
+openai_router = APIRouter()
+
+
+async def openai(request: Request, plain, streaming):
+    """``plain(runtime)(body)``, or with ``stream: true`` the SSE of ``streaming(runtime)(body)``."""
+    try:
+        body = await body_of(request)
+        rt = _runtime(request)
+        if isinstance(body, dict) and body.get("stream") is True:
+            chunks = await run_in_threadpool(streaming(rt), body)  # validated before the stream starts
+            return StreamingResponse(sse(chunks), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await run_in_threadpool(plain(rt), body))
+    except (RequestError, Overloaded) as e:
+        return openai_response(e)
+
+
+@openai_router.post("/v1/completions")
+async def completions(request: Request):
+    return await openai(request, lambda rt: rt.completions, lambda rt: rt.stream_completions)
+
+
+@openai_router.post("/v1/chat/completions")
+async def chat(request: Request):
+    return await openai(request, lambda rt: rt.chat_completions, lambda rt: rt.stream_chat)
+
+
+@openai_router.get("/v1/models")
+def models(request: Request):
+    try:
+        return _runtime(request).models()
+    except RequestError as e:
+        return openai_response(e)
+
+
+@openai_router.get("/v1/models/{model_id:path}")
+def model(model_id: str, request: Request):
+    try:
+        rt = _runtime(request)
+        if model_id != rt.model_name:
+            raise RequestError(404, f"model {model_id!r} not found; this server serves {rt.model_name!r}", "model")
+        return rt.model_card()
+    except RequestError as e:
+        return openai_response(e)
+
+
+# ---- operations ----------------------------------------------------------------------------
+ops_router = APIRouter()
+
+
+@ops_router.get("/health")
+def health(request: Request):
+    holder = _holder(request)
+    rt = holder.runtime
+    if rt is None or not rt.ready:
+        return JSONResponse({"status": "error" if holder.error else "loading", "detail": holder.error}, 503)
+    return {"status": "ok", "model": rt.model_name, **rt.metrics}
+
+
+@ops_router.get("/metrics")
+def metrics(request: Request):
+    rt = _holder(request).runtime
+    if rt is None:
+        return Response(b"", media_type="text/plain; version=0.0.4")
+    return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
+
+
+router = APIRouter()
+for _group in (megatron_router, openai_router, ops_router):
+    router.include_router(_group)
+
+
+# ---- the app -------------------------------------------------------------------------------
+def _lifespan(holder: _Holder, runtime_factory: Callable[[], GenerationRuntime] | GenerationRuntime):
+    """Holds a given runtime, or builds one in a background thread (the server answers /health
+    meanwhile, and says why if loading fails); closes what it built."""
+    built = not isinstance(runtime_factory, GenerationRuntime)
+
+    def load():
         try:
             holder.runtime = runtime_factory()
         except Exception as e:  # reported by /health; the server stays up to say why
@@ -84,86 +185,26 @@ def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRunt
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if isinstance(runtime_factory, GenerationRuntime):
-            holder.runtime = runtime_factory
+        if built:
+            threading.Thread(target=load, name="model-load", daemon=True).start()
         else:
-            threading.Thread(target=_load, name="model-load", daemon=True).start()
+            holder.runtime = runtime_factory
         yield
-        if holder.runtime is not None and not isinstance(runtime_factory, GenerationRuntime):
+        if built and holder.runtime is not None:
             holder.runtime.close()
 
-    app = FastAPI(title="llama-svc generate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    return lifespan
+
+
+def create_app(runtime_factory: Callable[[], GenerationRuntime] | GenerationRuntime) -> FastAPI:
+    """An app around a runtime, or around a factory that builds one in a background thread."""
+    holder = _Holder()
+    app = FastAPI(title="llama-svc generate", lifespan=_lifespan(holder, runtime_factory), docs_url=None,
+                  redoc_url=None)
     app.state.holder = holder
     serve_docs(app)
-
-    def runtime() -> GenerationRuntime:
-        rt = holder.runtime
-        if rt is None or not rt.ready:
-            raise RequestError(503, holder.error or "the model is still loading", retry_after=1)
-        return rt
-
-    @app.put("/api")
-    async def api(request: Request):
-        try:
-            body = await body_of(request)
-            return JSONResponse(await run_in_threadpool(runtime().api, body))
-        except (RequestError, Overloaded) as e:
-            return megatron_response(e)
-
-    async def openai(request: Request, plain, streaming):
-        try:
-            body = await body_of(request)
-            rt = runtime()
-            if isinstance(body, dict) and body.get("stream") is True:
-                chunks = await run_in_threadpool(streaming(rt), body)  # validated before the stream starts
-                return StreamingResponse(sse(chunks), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            return JSONResponse(await run_in_threadpool(plain(rt), body))
-        except (RequestError, Overloaded) as e:
-            return openai_response(e)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await openai(request, lambda rt: rt.completions, lambda rt: rt.stream_completions)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await openai(request, lambda rt: rt.chat_completions, lambda rt: rt.stream_chat)
-
-    @app.get("/v1/models")
-    def models():
-        try:
-            return runtime().models()
-        except RequestError as e:
-            return openai_response(e)
-
-    @app.get("/v1/models/{model_id:path}")
-    def model(model_id: str):
-        try:
-            rt = runtime()
-            if model_id != rt.model_name:
-                raise RequestError(404, f"model {model_id!r} not found; this server serves {rt.model_name!r}",
-                                   "model")
-            return rt.model_card()
-        except RequestError as e:
-            return openai_response(e)
-
-    @app.get("/health")
-    def health():
-        rt = holder.runtime
-        if rt is None or not rt.ready:
-            return JSONResponse({"status": "error" if holder.error else "loading", "detail": holder.error}, 503)
-        return {"status": "ok", "model": rt.model_name, **rt.metrics}
-
-    @app.get("/metrics")
-    def metrics():
-        rt = holder.runtime
-        if rt is None:
-            return Response(b"", media_type="text/plain; version=0.0.4")
-        return Response(rt.metrics_text(), media_type="text/plain; version=0.0.4")
-
+    app.include_router(router)
     typed_openapi(app)
-
     return app
 
 

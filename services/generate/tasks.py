@@ -43,10 +43,11 @@ from celery import signals
 from services.generate.runtime import GenerationRuntime, Overloaded, RequestError
 from shared.protocol import parse
 from shared.protocol.relay import RelayError, RelayReply, RelayRequest
-from services.worker import (Job, JobCancelled, JobContext, JobFailed, OwnershipLost, app, checkpoint_store, run_job,
+from services.worker import (Job, JobCancelled, JobContext, JobFailed, OwnershipLost, app, checkpoint_store, job_task,
                              settings)
 from shared.jobs import placement
-from shared.jobs.transport import GENERATE_REQUEST, job_task_name
+from shared.jobs.progress import Progress
+from shared.jobs.transport import GENERATE_REQUEST
 from shared.storage import CheckpointNotFound, CheckpointStore
 
 log = logging.getLogger("llama_svc.generate")
@@ -238,14 +239,14 @@ def open_runtime(path: Path, name: str) -> GenerationRuntime:
     its own GPU of this worker's devices (the least used ones; in-process models spread the same way)."""
     import torch
 
-    from shared.inference.source import ModelSource
+    from shared.checkpoint.opener import open_checkpoint
 
     threads = _torch_threads()
     torch.set_num_threads(threads)  # an in-process engine computes in this process
     gpus = _gpu_allocator()
     devices = None
     if gpus.devices:
-        stored = ModelSource.open(path).stored_layout()
+        stored = open_checkpoint(path).layout
         devices = gpus.claim(stored.tp * stored.pp, f"model {name!r} (TP{stored.tp} x PP{stored.pp})")
     try:
         rt = GenerationRuntime(path, model_name=name, threads=threads, devices=devices)
@@ -531,13 +532,13 @@ def _generate_all(rt: GenerationRuntime, body: dict, prompts: list[str], ctx: Jo
                     raise
                 done += 1
             if finished:
-                ctx.store.set_progress(job.id, job.attempts, {"phase": "generate", "current": done,
-                                                              "total": len(prompts), "unit": "prompts"})
+                ctx.progress(Progress("generate", done, len(prompts), "prompts"))
     return texts
 
 
-@app.task(name=job_task_name("generate"), acks_late=False, ignore_result=True)
-def generate_job_task(job_id: str, dispatch: int) -> None:
-    """The job policy of ``services.worker.run_job``, on the job thread (see the module docstring)."""
-    _, jobs = _pools()
-    jobs.submit(run_job, generate_job, job_id, dispatch)
+def _on_job_thread(*call) -> None:
+    """Runs ``run_job(...)`` on the job thread (see the module docstring)."""
+    _pools()[1].submit(*call)
+
+
+generate_job_task = job_task("generate", submit=_on_job_thread)(generate_job)

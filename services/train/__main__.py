@@ -14,66 +14,15 @@ import argparse
 import json
 import sys
 
-from shared.training.config import DECAY_STYLES, FINETUNE_METHODS, LORA_TARGETS, OVERLONG, TrainConfig
+from shared.cli import add_dataclass_arguments
+from shared.specs.train import TrainConfig
 
 
 def parser() -> argparse.ArgumentParser:
+    """Every option of ``TrainConfig`` (names, types, defaults, choices and help from its fields)."""
     p = argparse.ArgumentParser(prog="python -m services.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    io = p.add_argument_group("checkpoints and data")
-    io.add_argument("--load", required=True, help="native checkpoint, HF model dir, or a run dir to resume")
-    io.add_argument("--save", required=True, help="run directory (checkpoints, release/, hf/, lora/)")
-    io.add_argument("--data-path", nargs="+", required=True, metavar="FILE", help="JSONL training files")
-    io.add_argument("--valid-data-path", nargs="*", default=[], metavar="FILE", help="JSONL validation files")
-    io.add_argument("--valid-fraction", type=float, default=0.0,
-                    help="without --valid-data-path: hold out this fraction of the samples")
-    io.add_argument("--overlong", choices=OVERLONG, default="truncate", help="samples longer than a sequence")
-    io.add_argument("--finetune", action="store_true",
-                    help="from a training checkpoint: load the weights only (new optimizer, iteration 0)")
-    io.add_argument("--no-export-hf", dest="export_hf", action="store_false", help="skip the HF export")
-    io.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-
-    tr = p.add_argument_group("training")
-    tr.add_argument("--train-iters", type=int, required=True)
-    tr.add_argument("--micro-batch-size", type=int, default=1)
-    tr.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
-    tr.add_argument("--seq-length", type=int, default=512)
-    tr.add_argument("--lr", type=float, default=1e-5)
-    tr.add_argument("--min-lr", type=float, default=0.0)
-    tr.add_argument("--lr-warmup-iters", type=int, default=0)
-    tr.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    tr.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--clip-grad", type=float, default=1.0, help="global gradient norm limit (0: off)")
-    tr.add_argument("--adam-beta1", type=float, default=0.9)
-    tr.add_argument("--adam-beta2", type=float, default=0.999)
-    tr.add_argument("--adam-eps", type=float, default=1e-8)
-    tr.add_argument("--seed", type=int, default=1234)
-    tr.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 master weights")
-    tr.add_argument("--recompute-activations", action="store_true")
-
-    par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--world-size", type=int, default=None,
-                     help="processes to start (data parallel = world / (TP x PP)); default: TP x PP on CPU, "
-                          "all of the worker's GPUs (LLAMA_SVC_DEVICES, else every visible one; rounded down "
-                          "to a multiple of TP x PP) on GPU, one process per GPU")
-
-    ev = p.add_argument_group("checkpointing, evaluation and logging")
-    ev.add_argument("--save-interval", type=int, default=None)
-    ev.add_argument("--eval-interval", type=int, default=None)
-    ev.add_argument("--eval-iters", type=int, default=10)
-    ev.add_argument("--exit-interval", type=int, default=None, help="save and stop at this iteration")
-    ev.add_argument("--metrics-file", default=None, help="JSONL: one line per iteration and evaluation")
-
-    lo = p.add_argument_group("LoRA")
-    lo.add_argument("--finetune-method", choices=FINETUNE_METHODS, default="full")
-    lo.add_argument("--lora-rank", type=int, default=8)
-    lo.add_argument("--lora-alpha", type=float, default=16.0)
-    lo.add_argument("--lora-dropout", type=float, default=0.0)
-    lo.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS), choices=LORA_TARGETS)
-    return p
+    return add_dataclass_arguments(p, TrainConfig)
 
 
 def default_world(tp: int, pp: int) -> int:
@@ -94,7 +43,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.checkpoint.safe_io import CheckpointError
+    from shared.checkpoint.errors import CheckpointError
     from shared.parallel.dims import LayoutError
     from shared.tokenizer import TokenizerError
     from shared.parallel.devices import DeviceError, configured_devices

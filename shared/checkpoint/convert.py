@@ -24,15 +24,18 @@ import torch
 
 from shared.config import ModelConfig
 from shared.checkpoint import hf as hf_fmt
-from shared.checkpoint import layout as L
-from shared.checkpoint import megatron_lm, meta, native, parity
+from shared.checkpoint import layout as param_layout
+from shared.checkpoint import megatron_lm, native, parity
 from shared.checkpoint.layout import Layout
+from shared.checkpoint.opener import open_checkpoint
 from shared.checkpoint.presets import check_preset
 from shared.checkpoint.progress import Progress, ProgressTracker
-from shared.checkpoint.safe_io import (
-    CheckpointError, TensorSource, check_hf_shapes, check_save_dir, dtype_name, parse_dtype, sha256_file,
-    staging_dir,
-)
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.hf import check_hf_shapes
+from shared.checkpoint.staging import check_save_dir, staging_dir
+from shared.checkpoint.tensors import TensorSource
+from shared.dtypes import dtype_name, parse_dtype
+from shared.files import sha256_file
 from shared import tokenizer as tok
 from shared.files import Stopped, keep_freed_memory, lower_thread_priority, usable_cpus
 
@@ -95,7 +98,10 @@ def _check_options(o: ConvertOptions) -> None:
     _choice("--ckpt-format", o.ckpt_format, CKPT_FORMATS)
     _choice("--saver-transformer-impl", o.transformer_impl, megatron_lm.IMPLS)
     _choice("--validate-dtype", o.validate_dtype, ("fp32", "bf16"))
-    parse_dtype(o.dtype)
+    try:
+        parse_dtype(o.dtype)
+    except ValueError as e:
+        raise CheckpointError(f"--dtype: {e}") from None
     for name, v in (("--target-tensor-parallel-size", o.target_tp), ("--target-pipeline-parallel-size", o.target_pp),
                     ("--make-vocab-size-divisible-by", o.make_vocab_size_divisible_by)):
         if v < 1:
@@ -118,40 +124,19 @@ def _tokenizer_source(o: ConvertOptions, fallback: Path | None) -> Path:
                           "(a tokenizer.model file or an HF tokenizer directory)")
 
 
+_LOADER_FORMATS = {("llama_mistral", "hf"): ("hf",), ("llama_mistral", "meta"): ("meta",),
+                   ("mcore", "hf"): ("native", "megatron-lm"), ("mcore", "meta"): ("native", "megatron-lm")}
+
+
 def _open_source(o: ConvertOptions) -> _Source:
-    d = Path(o.load_dir)
-    if o.loader == "llama_mistral" and o.checkpoint_type == "hf":
-        raw = hf_fmt.read_hf_config(d)
-        try:
-            cfg = ModelConfig.from_hf(raw)
-        except KeyError as e:
-            raise CheckpointError(f"{d / 'config.json'} lacks {e.args[0]!r}; it is not a complete model config") from None
-        hf_tensors = hf_fmt.open_hf_weights(d, zero_copy=True)  # only read, then written file to file
-        gen = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else None
-        has_tok = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
-        return _Source("hf", cfg, hf_tensors, hf_fmt.source_dtype(raw, hf_tensors), raw, gen,
-                       _tokenizer_source(o, d if has_tok else None), hf_tensors.files() + [d / "config.json"])
-    if o.loader == "llama_mistral":
-        tok_src = _tokenizer_source(o, d / "tokenizer.model" if (d / "tokenizer.model").exists() else None)
-        t = tok.load_source_tokenizer(tok_src)
-        eos = (t.eos_token_id,) if t.eos_token_id is not None else ()
-        cfg, params, src = meta.open_meta(d, vocab_size=None, bos=t.bos_token_id, eos=eos)
-        return _Source("meta", cfg, src, src.dtype(L.hf_names(cfg)[0]), {"params.json": params}, None, tok_src,
-                       src.files() + [d / "params.json"])
-    # mcore: this project's native format or Megatron-LM's torch layout
-    if (d / native.MANIFEST).exists():
-        m, src = native.open_native(d)
-        tok_dir = tok.resolve_tokenizer_dir(d)
-        return _Source("native", m.config, src, m.dtype, m.source_config, m.raw.get("generation_config"),
-                       _tokenizer_source(o, tok_dir if tok_dir.is_dir() else None),
-                       [d / n for n in m.files] + [d / native.MANIFEST])
-    if megatron_lm.is_megatron_lm(d):
-        cfg, lay, dtype, args, src = megatron_lm.open_megatron_lm(d, o.true_vocab_size)
-        tok_dir = d / tok.TOKENIZER_SUBDIR
-        return _Source("megatron-lm", cfg, src, dtype, None, None,
-                       _tokenizer_source(o, tok_dir if tok_dir.is_dir() else None), megatron_lm.files(d))
-    native.load_manifest(d)  # raises the "not a checkpoint" error with its hint
-    raise AssertionError("unreachable")
+    """The source through ``open_checkpoint``; ``--loader``/``--checkpoint-type`` say which formats to accept."""
+    ckpt = open_checkpoint(o.load_dir, formats=_LOADER_FORMATS[(o.loader, o.checkpoint_type)],
+                           tokenizer=o.tokenizer_model, true_vocab_size=o.true_vocab_size)
+    tensors = ckpt.tensors(zero_copy=True)  # HF: only read, then written file to file
+    tok_dir = Path(ckpt.tokenizer_dir) if ckpt.tokenizer_dir is not None else None
+    kind = ckpt.format
+    return _Source(kind, ckpt.config, tensors, ckpt.dtype, ckpt.source_config, ckpt.generation,
+                   _tokenizer_source(o, tok_dir), ckpt.files())
 
 
 def _target_config(o: ConvertOptions, src: _Source) -> ModelConfig:
@@ -317,9 +302,9 @@ def _save_native_tensors(out: Path, cfg: ModelConfig, layout: Layout, src: _Sour
     try:
         for spec in specs:
             p = spec.pp_rank(cfg, layout)
-            hf = [native._rows(src.tensors.get(n), cfg, spec) for n in spec.hf_names]
+            hf = [param_layout.trim_vocab(spec, src.tensors.get(n), cfg) for n in spec.hf_names]
             nbytes = 0
-            for t, pieces in enumerate(L.shard_pieces(spec, hf, cfg, layout)):
+            for t, pieces in enumerate(param_layout.shard_pieces(spec, hf, cfg, layout)):
                 writer.add(t, p, spec.local_name(cfg, layout), pieces)
                 nbytes += sum(piece.numel() for piece in pieces) * dtype.itemsize
             step(tracker, nbytes)
@@ -333,7 +318,7 @@ def _save_native_tensors(out: Path, cfg: ModelConfig, layout: Layout, src: _Sour
 
 def _save_megatron_lm(out: Path, cfg: ModelConfig, layout: Layout, src: _Source, dtype: torch.dtype, impl: str,
                       step, report) -> dict[str, Any]:
-    specs = L.param_specs(cfg, layout)
+    specs = param_layout.param_specs(cfg, layout)
     total = sum(torch.Size(native.shard_shape(s, cfg, layout)).numel() * layout.tp for s in specs) * dtype.itemsize
     tracker = ProgressTracker("convert", len(specs), total)
     return megatron_lm.write_megatron_lm(out, cfg, layout, src.tensors, dtype, impl,
@@ -341,14 +326,13 @@ def _save_megatron_lm(out: Path, cfg: ModelConfig, layout: Layout, src: _Source,
 
 
 def _save_hf(out: Path, cfg: ModelConfig, src: _Source, dtype: torch.dtype, step, report) -> dict[str, Any]:
-    names = L.hf_names(cfg)
-    total = sum(torch.Size(L.hf_shape(cfg, n)).numel() for n in names) * dtype.itemsize
+    names = param_layout.hf_names(cfg)
+    total = sum(torch.Size(param_layout.hf_shape(cfg, n)).numel() for n in names) * dtype.itemsize
     tracker = ProgressTracker("export", len(names), total)
 
     def tensors():
         for n in names:
-            t = src.tensors.get(n)
-            yield n, (t[: cfg.vocab_size] if n in ("model.embed_tokens.weight", "lm_head.weight") else t)
+            yield n, param_layout.trim_vocab(n, src.tensors.get(n), cfg)
 
     return hf_fmt.write_hf(out, cfg, tensors(), dtype, generation=src.generation or hf_fmt.generation_config(cfg),
                            on_tensor=lambda name, n: step(tracker, n))

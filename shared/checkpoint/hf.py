@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from shared.config import ModelConfig
-from shared.checkpoint import layout as L
-from shared.checkpoint.safe_io import (
-    CheckpointError, StreamingSafetensorsWriter, TensorSource, dtype_name, open_hf_weights,
-)
+from shared.checkpoint import layout as param_layout
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import TensorSource, open_hf_weights
+from shared.checkpoint.writer import StreamingSafetensorsWriter
+from shared.dtypes import dtype_name
 from shared.paths import UnsafePath, check_tree, contained
 
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -50,6 +51,29 @@ def check_hf_dir(directory: Path) -> None:
     open_hf_weights(Path(directory)).close()
 
 
+def check_hf_shapes(source: TensorSource, cfg: ModelConfig) -> None:
+    """Every tensor ``cfg`` needs is present with the shape the config implies."""
+    problems = []
+    for name in param_layout.hf_names(cfg):
+        if name not in source:
+            problems.append(f"{name} is missing")
+            continue
+        want, got = param_layout.hf_shape(cfg, name), source.shape(name)
+        if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+            if got[1:] != want[1:] or got[0] < want[0]:
+                problems.append(f"{name} has shape {list(got)}, config implies {list(want)}")
+        elif got != want:
+            problems.append(f"{name} has shape {list(got)}, config implies {list(want)}")
+    known = set(param_layout.hf_names(cfg)) | {"lm_head.weight"}  # a tied model may still store its lm_head copy
+    extra = [n for n in source.names() if n not in known and not n.endswith("rotary_emb.inv_freq")]
+    if extra:
+        problems.append(f"the weights hold tensors this architecture does not have ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''}); converting would silently drop them")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"config and weights disagree: {shown}. Check that config.json belongs to these weights")
+
+
 def source_dtype(raw: Mapping[str, Any], source: TensorSource) -> torch.dtype:
     """The dtype of the weights as stored (config's torch_dtype may disagree; the files win)."""
     names = [n for n in source.names() if n.endswith("weight")]
@@ -76,8 +100,8 @@ def shard_plan(cfg: ModelConfig, dtype: torch.dtype, max_bytes: int = DEFAULT_SH
     size = torch.empty((), dtype=dtype).element_size()
     plan: list[list[str]] = [[]]
     used = 0
-    for name in L.hf_names(cfg):
-        n = torch.Size(L.hf_shape(cfg, name)).numel() * size
+    for name in param_layout.hf_names(cfg):
+        n = torch.Size(param_layout.hf_shape(cfg, name)).numel() * size
         if plan[-1] and used + n > max_bytes:
             plan.append([])
             used = 0
@@ -104,7 +128,7 @@ def write_hf(directory: Path, cfg: ModelConfig, tensors: Iterable[tuple[str, tor
                 raise CheckpointError(f"unexpected tensor {name!r} for this architecture")
             if i not in writers:
                 writers[i] = StreamingSafetensorsWriter(
-                    directory / files[i], [(n, L.hf_shape(cfg, n), dtype) for n in plan[i]], {"format": "pt"})
+                    directory / files[i], [(n, param_layout.hf_shape(cfg, n), dtype) for n in plan[i]], {"format": "pt"})
             t = t.to(dtype).contiguous()
             writers[i].add(name, t)
             total += t.numel() * t.element_size()

@@ -20,35 +20,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from shared.config import ModelConfig
-from shared.parallel.dims import ParallelDims
+from shared.parallel.layout import Layout
 
 REPLICATED, ROW, VOCAB, QKV, FC1 = "replicated", "row", "vocab", "qkv", "fc1"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a checkpoint is split: TP, PP and the vocab padding multiple."""
-
-    tp: int = 1
-    pp: int = 1
-    divisible_by: int = 128
-
-    @property
-    def dims(self) -> ParallelDims:
-        return ParallelDims(tp=self.tp, pp=self.pp)
-
-    def check(self, cfg: ModelConfig) -> None:
-        self.dims.check_model(cfg)
-
-    def stage_layers(self, cfg: ModelConfig, pp_rank: int) -> range:
-        return self.dims.stage_layers(cfg.num_layers, pp_rank)
-
-    def padded_vocab(self, cfg: ModelConfig) -> int:
-        return cfg.padded_vocab_size(self.tp, self.divisible_by)
-
-    def ranks(self) -> list[tuple[int, int]]:
-        """All (tp_rank, pp_rank) pairs, pp-major."""
-        return [(t, p) for p in range(self.pp) for t in range(self.tp)]
 
 
 @dataclass(frozen=True)
@@ -109,6 +83,17 @@ def param_specs(cfg: ModelConfig, layout: Layout) -> list[ParamSpec]:
     elif layout.pp > 1:
         specs.append(ParamSpec("output_layer.weight", ("model.embed_tokens.weight",), VOCAB, stage="last"))
     return specs
+
+
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def trim_vocab(spec_or_name: "ParamSpec | str", tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A vocab tensor (a ``vocab`` spec, or an HF embedding / lm_head name) cut to the true
+    vocabulary: HF files may pad the embedding, and TP shards pad it to the padded vocab.
+    Any other tensor is returned as is."""
+    vocab = spec_or_name.kind == VOCAB if isinstance(spec_or_name, ParamSpec) else spec_or_name in VOCAB_TENSORS
+    return tensor[: cfg.vocab_size] if vocab else tensor
 
 
 def is_tied_copy(spec: ParamSpec, cfg: ModelConfig) -> bool:
@@ -207,7 +192,7 @@ def unshard(spec: ParamSpec, shards: Sequence[torch.Tensor], cfg: ModelConfig, l
     if spec.kind == ROW:
         return [torch.cat(list(shards), dim=1)]
     if spec.kind == VOCAB:
-        return [torch.cat(list(shards), dim=0)[: cfg.vocab_size]]
+        return [trim_vocab(spec, torch.cat(list(shards), dim=0), cfg)]
     if spec.kind == QKV:
         return _qkv_ungroup(cfg, torch.cat(list(shards), dim=0))
     if spec.kind == FC1:

@@ -19,13 +19,16 @@ from typing import Any, Callable
 import torch
 
 from shared.config import ModelConfig, RopeScaling
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint.layout import Layout
 from shared.checkpoint.native import ShardedSource
-from shared.checkpoint.safe_io import CheckpointError, TensorSource, dtype_name
+from shared.checkpoint.run import LATEST, iteration_dir, read_tracker
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import TensorSource
+from shared.dtypes import dtype_name
 from shared.paths import UnsafePath, contained
 
-TRACKER = "latest_checkpointed_iteration.txt"
+TRACKER = LATEST
 CHECKPOINT_VERSION = 3.0
 ITERATION = 1
 IMPLS = ("local", "transformer_engine")
@@ -115,19 +118,17 @@ def write_megatron_lm(directory: Path, cfg: ModelConfig, layout: Layout, source:
     it_dir = directory / f"iter_{ITERATION:07d}"
     args = megatron_args(cfg, layout, dtype, transformer_impl)
     files = []
-    specs = L.param_specs(cfg, layout)
+    specs = param_layout.param_specs(cfg, layout)
     for p in range(layout.pp):
         ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.tp)]
         for spec in specs:
             if spec.pp_rank(cfg, layout) != p:
                 continue
-            hf = [source.get(n) for n in spec.hf_names]
-            if spec.kind == L.VOCAB:
-                hf = [t[: cfg.vocab_size] for t in hf]
-            for t, piece in enumerate(L.shard(spec, hf, cfg, layout)):
+            hf = [param_layout.trim_vocab(spec, source.get(n), cfg) for n in spec.hf_names]
+            for t, piece in enumerate(param_layout.shard(spec, hf, cfg, layout)):
                 ranks[t][spec.local_name(cfg, layout)] = piece.to(dtype).clone()
             if on_tensor:
-                on_tensor(spec.name, sum(torch.Size(L.hf_shape(cfg, n)).numel() for n in spec.hf_names)
+                on_tensor(spec.name, sum(torch.Size(param_layout.hf_shape(cfg, n)).numel() for n in spec.hf_names)
                           * torch.empty((), dtype=dtype).element_size())
         for t, local in enumerate(ranks):
             out = it_dir / rank_dir(t, p, layout.pp) / "model_optim_rng.pt"
@@ -150,17 +151,9 @@ def is_megatron_lm(directory: Path) -> bool:
 
 
 def _iteration_dir(directory: Path) -> Path:
-    tracker = Path(directory) / TRACKER
-    if not tracker.is_file():
+    if not (Path(directory) / TRACKER).is_file():
         raise CheckpointError(f"{directory} has no {TRACKER}; it is not a Megatron-LM checkpoint")
-    text = tracker.read_text().strip()
-    if text == "release":
-        return Path(directory) / "release"
-    try:
-        it = int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker} holds {text!r}, expected an iteration number or 'release'") from None
-    return Path(directory) / f"iter_{it:07d}"
+    return iteration_dir(directory, read_tracker(directory))
 
 
 def load_rank(directory: str | Path, tp_rank: int, pp_rank: int, pp: int | None = None) -> dict[str, Any]:

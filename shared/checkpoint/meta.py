@@ -16,8 +16,9 @@ from typing import Any, Mapping
 import torch
 
 from shared.config import ModelConfig, RopeScaling
-from shared.checkpoint import layout as L
-from shared.checkpoint.safe_io import CheckpointError, TensorSource, safe_torch_load
+from shared.checkpoint import layout as param_layout
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import safe_torch_load, TensorSource
 from shared.paths import UnsafePath, contained
 
 # HF name pattern -> (Meta name pattern, dim the shards join on; None = replicated)
@@ -126,7 +127,7 @@ class MetaSource(TensorSource):
         self.cfg = cfg
         self._paths = shard_files(directory)
         self._loaded: list[dict] | None = None
-        for name in L.hf_names(cfg):
+        for name in param_layout.hf_names(cfg):
             meta, _ = meta_name(name)
             if meta not in self._shards[0]:
                 continue  # reported by check_hf_shapes as missing
@@ -229,7 +230,7 @@ def write_meta(directory: Path, hf: Mapping[str, torch.Tensor], cfg: ModelConfig
     if ffn_size(cfg.hidden_size, multiple_of, ffn_dim_multiplier) != cfg.intermediate_size:
         raise ValueError("multiple_of / ffn_dim_multiplier do not reproduce intermediate_size")
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
-    for name in L.hf_names(cfg):
+    for name in param_layout.hf_names(cfg):
         meta, dim = meta_name(name)
         w = hf[name]
         if name.endswith("q_proj.weight"):

@@ -30,11 +30,13 @@ import torch
 
 from shared.config import ModelConfig
 from shared.files import lower_thread_priority, usable_cpus
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint.layout import Layout, ParamSpec
-from shared.checkpoint.safe_io import (
-    CheckpointError, StreamingSafetensorsWriter, TensorSource, dtype_name, parse_dtype, sha256_file,
-)
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import TensorSource
+from shared.checkpoint.writer import StreamingSafetensorsWriter
+from shared.dtypes import dtype_name, parse_dtype
+from shared.files import sha256_file
 
 FORMAT = "llama-megatron-native"
 FORMAT_VERSION = 2
@@ -50,23 +52,23 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
 def shard_shape(spec: ParamSpec, cfg: ModelConfig, layout: Layout) -> tuple[int, ...]:
     """The shape of one TP rank's piece of ``spec`` (what ``layout.shard`` returns)."""
     T = layout.tp
-    first = L.hf_shape(cfg, spec.hf_names[0])
-    if spec.kind == L.REPLICATED:
+    first = param_layout.hf_shape(cfg, spec.hf_names[0])
+    if spec.kind == param_layout.REPLICATED:
         return first
-    if spec.kind == L.ROW:
+    if spec.kind == param_layout.ROW:
         return (first[0], first[1] // T)
-    if spec.kind == L.VOCAB:
+    if spec.kind == param_layout.VOCAB:
         return (layout.padded_vocab(cfg) // T, first[1])
-    if spec.kind == L.QKV:
+    if spec.kind == param_layout.QKV:
         return (cfg.qkv_rows // T, *first[1:])
-    if spec.kind == L.FC1:
+    if spec.kind == param_layout.FC1:
         return (2 * first[0] // T, first[1])
     raise ValueError(f"unknown split kind {spec.kind!r}")
 
 
 def stored_specs(cfg: ModelConfig, layout: Layout) -> list[ParamSpec]:
     """The parameters the rank files hold, in model order: all but the copy of a tied embedding."""
-    return [s for s in L.param_specs(cfg, layout) if not L.is_tied_copy(s, cfg)]
+    return [s for s in param_layout.param_specs(cfg, layout) if not param_layout.is_tied_copy(s, cfg)]
 
 
 def rank_entries(cfg: ModelConfig, layout: Layout, dtype: torch.dtype
@@ -314,31 +316,26 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, layout: Layout, hf_tenso
                      dtype: torch.dtype | None = None, **manifest_fields: Any) -> dict[str, Any]:
     """Write a whole checkpoint from HF-named tensors into ``directory`` (which must be empty or new).
 
-    For atomic replacement of an existing checkpoint wrap this in ``safe_io.staging_dir``.
+    For atomic replacement of an existing checkpoint wrap this in ``staging.staging_dir``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     get = hf_tensors.get if isinstance(hf_tensors, TensorSource) else hf_tensors.__getitem__
     if dtype is None:
-        dtype = (hf_tensors.dtype(L.hf_names(cfg)[0]) if isinstance(hf_tensors, TensorSource)
-                 else hf_tensors[L.hf_names(cfg)[0]].dtype)
+        dtype = (hf_tensors.dtype(param_layout.hf_names(cfg)[0]) if isinstance(hf_tensors, TensorSource)
+                 else hf_tensors[param_layout.hf_names(cfg)[0]].dtype)
     writer = CheckpointWriter(directory, cfg, layout, dtype)
     try:
         for spec in stored_specs(cfg, layout):
             p = spec.pp_rank(cfg, layout)
-            hf = [_rows(get(n), cfg, spec) for n in spec.hf_names]
-            for t, pieces in enumerate(L.shard_pieces(spec, hf, cfg, layout)):
+            hf = [param_layout.trim_vocab(spec, get(n), cfg) for n in spec.hf_names]
+            for t, pieces in enumerate(param_layout.shard_pieces(spec, hf, cfg, layout)):
                 writer.add(t, p, spec.local_name(cfg, layout), pieces)
         hashes = writer.flush()
     except BaseException:
         writer.abort()
         raise
     return write_manifest(directory, cfg, layout, dtype, file_hashes=hashes, **manifest_fields)
-
-
-def _rows(t: torch.Tensor, cfg: ModelConfig, spec: ParamSpec) -> torch.Tensor:
-    """Vocab tensors may carry more rows than the true vocab (a padded HF embedding): keep V."""
-    return t[: cfg.vocab_size] if spec.kind == L.VOCAB else t
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -358,7 +355,7 @@ class ShardedSource(TensorSource):
         for spec in stored_specs(cfg, layout):
             for n in spec.hf_names:
                 self._spec_of[n] = spec
-                self._shapes[n] = L.hf_shape(cfg, n)
+                self._shapes[n] = param_layout.hf_shape(cfg, n)
                 self._dtypes[n] = dtype
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
 
@@ -378,7 +375,7 @@ class ShardedSource(TensorSource):
             p = spec.pp_rank(self.cfg, self.layout)
             local = spec.local_name(self.cfg, self.layout)
             shards = [self._get_local(t, p, local) for t in range(self.layout.tp)]
-            self._cached = (spec.name, dict(zip(spec.hf_names, L.unshard(spec, shards, self.cfg, self.layout))))
+            self._cached = (spec.name, dict(zip(spec.hf_names, param_layout.unshard(spec, shards, self.cfg, self.layout))))
         return self._cached[1][name]
 
 
@@ -410,7 +407,7 @@ def open_native(directory: str | Path) -> tuple[Manifest, ShardedSource]:
 def iter_hf_tensors(directory: str | Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every tensor of the checkpoint, one parameter in memory at a time."""
     m, src = open_native(directory)
-    for name in L.hf_names(m.config):
+    for name in param_layout.hf_names(m.config):
         t = src.get(name)
         yield name, (t.to(dtype) if dtype is not None else t)
 
@@ -440,9 +437,9 @@ def load_rank_state_dict(directory: str | Path, tp_rank: int, pp_rank: int, targ
 def shards_for_rank(src: TensorSource, cfg: ModelConfig, target: Layout, tp_rank: int, pp_rank: int,
                     cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, torch.Tensor]:
     out = {}
-    for spec in L.param_specs(cfg, target):
+    for spec in param_layout.param_specs(cfg, target):
         if spec.pp_rank(cfg, target) != pp_rank:
             continue
-        hf = [_rows(src.get(n), cfg, spec) for n in spec.hf_names]
-        out[spec.local_name(cfg, target)] = cast(L.shard(spec, hf, cfg, target)[tp_rank])
+        hf = [param_layout.trim_vocab(spec, src.get(n), cfg) for n in spec.hf_names]
+        out[spec.local_name(cfg, target)] = cast(param_layout.shard(spec, hf, cfg, target)[tp_rank])
     return out

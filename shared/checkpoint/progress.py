@@ -1,22 +1,14 @@
-"""Conversion progress: a plain record, and a terminal renderer for the CLI."""
+"""Conversion progress: ``Progress`` records (``shared.jobs.progress``), and a terminal renderer for the CLI."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from typing import TextIO
 
+from shared.jobs.progress import Progress  # the one progress record of every job kind
 
-@dataclass
-class Progress:
-    phase: str
-    current: int
-    total: int
-    unit: str = "tensors"
-    bytes_done: int = 0
-    bytes_total: int = 0
-    eta_s: float | None = None
+__all__ = ["Progress", "ProgressTracker", "TerminalProgress"]
 
 
 def _size(n: float) -> str:

@@ -6,6 +6,7 @@
 - ``engine``: our model in a process-group pool (scoring, greedy decoding).
 - ``reference``: the HF model behind the same interface.
 - ``report``: run tasks, compare, write the JSON/Markdown table.
+- ``run``: one evaluation as a pure function (``EvalParams``, ``run_eval``): the CLI and the eval job.
 
 Importing this package imports neither lm-eval nor transformers (worker processes load it).
 """

@@ -173,7 +173,7 @@ class MegatronLM(ScoringLM):
     def __init__(self, load: str, dtype: str = "fp32", tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, max_length: int | None = None, batch_tokens: int = 1024,
                  pool=None, **_ignored) -> None:
-        from shared.evaluation.engine import ShardedModel
+        from shared.evaluation.sharded import ShardedModel
 
         model = ShardedModel(load, dtype, tp=_int(tensor_parallel_size, 1), pp=_int(pipeline_parallel_size, 1),
                              pool=pool)

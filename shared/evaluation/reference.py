@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from shared.evaluation.batching import ScoreBatch, _pad, score_from_logits
-from shared.evaluation.engine import parse_dtype
+from shared.evaluation.batching import ScoreBatch, score_from_logits
+from shared.dtypes import parse_dtype
 
 
 class HFModel:

@@ -22,7 +22,8 @@ import threading
 
 import torch
 
-from shared.model import CacheRows, KVCache, LlamaStage
+from shared.model import LlamaStage
+from shared.model.kv_cache import CacheRows, KVCache
 
 CAPTURE_LOCK = threading.Lock()
 KV_FIRST = 256

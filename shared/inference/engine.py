@@ -23,9 +23,10 @@ from typing import Sequence
 
 import torch
 
-from shared.inference import worker as W
+from shared.inference import ranks
 from shared.inference.device_step import DecodePlan
 from shared.inference.source import ModelSource, SourceError
+from shared.dtypes import parse_dtype
 from shared.parallel.devices import assign_devices, visible_devices
 from shared.parallel.dims import ParallelDims
 from shared.parallel.launcher import ProcessGroupPool, RemoteError
@@ -46,16 +47,6 @@ def special_token_ids(tokenizer) -> dict[str, list[int]]:
     texts = tokenizer.batch_decode([[i] for i in range(n)])
     return {"newline": [i for i, t in enumerate(texts) if "\n" in t],
             "colon": [i for i, t in enumerate(texts) if t.rstrip(" ").endswith(":")]}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
-    return table[name]
 
 
 @dataclass(frozen=True)
@@ -134,13 +125,13 @@ class Engine:
         if self.in_process:
             self._ctx = ParallelContext.single(self.device)
             with self._scope():
-                self.loaded = [W.load(self._ctx, *self._load_args)]
+                self.loaded = [ranks.load(self._ctx, *self._load_args)]
         else:
             if self._own_pool:
                 self._pool = ProcessGroupPool(self.dims.world_size, threads=self.threads, timeout_s=self.timeout_s,
                                               devices=self.devices or None)
             try:
-                self.loaded = [r for r in self._pool.run(self.dims, W.load, *self._load_args) if r is not None]
+                self.loaded = [r for r in self._pool.run(self.dims, ranks.load, *self._load_args) if r is not None]
             except BaseException:
                 if self._own_pool:
                     self._pool.close(force=True)
@@ -151,13 +142,13 @@ class Engine:
                         "max batch reduced from %d to %d", self.source.name(), fits, self.max_seq, self.max_batch, fits)
             self.max_batch = fits
 
-    def local_worker(self) -> W.Worker:
+    def local_rank_engine(self) -> ranks.RankEngine:
         """The rank state of an in-process engine (benchmarks and checks look inside it)."""
         if not self.in_process or self._ctx is None:
             raise RuntimeError("only an open in-process engine has its rank in this process")
-        from shared.parallel.launcher import worker_state
+        from shared.parallel.launcher import process_state
 
-        return worker_state()[self._key]
+        return process_state()[self._key]
 
     def device_scope(self):
         """Make this in-process engine's GPU the calling thread's current device (a no-op on CPU)."""
@@ -181,15 +172,15 @@ class Engine:
                 f"the most this server holds per sequence (max positions {self.cfg.max_position_embeddings}, "
                 f"cache {self.max_seq}); shorten the prompt or ask for fewer tokens")
 
-    def run(self, plan: W.Plan) -> dict[int, W.SlotOutput]:
+    def run(self, plan: ranks.Plan) -> dict[int, ranks.SlotOutput]:
         """Execute one plan on every rank. On failure the ranks are reset (or restarted) and
         the error re-raised: every sequence that was in the cache is lost."""
         with self._lock:
             try:
                 if self.in_process:
                     with self._scope():
-                        return W.run_plan(self._ctx, self._key, plan) or {}
-                results = self._pool.run(self.dims, W.run_plan, self._key, plan)
+                        return ranks.run_plan(self._ctx, self._key, plan) or {}
+                results = self._pool.run(self.dims, ranks.run_plan, self._key, plan)
                 return results[self.dims.rank(0, self.dims.pp - 1)] or {}
             except BaseException:
                 self._recover()
@@ -198,7 +189,7 @@ class Engine:
     def _recover(self) -> None:
         self.restarts += 1
         if self.in_process:
-            W.reset(self._ctx, self._key)
+            ranks.reset(self._ctx, self._key)
             return
         # a failed rank may have left its peers inside a collective: the pool is then rebuilt
         # (ours here, a shared one by its owner on the next run) and the model reloaded
@@ -206,9 +197,9 @@ class Engine:
             self._start()
             return
         try:
-            if all(self._pool.run(self.dims, W.reset, self._key, timeout_s=60)):
+            if all(self._pool.run(self.dims, ranks.reset, self._key, timeout_s=60)):
                 return
-            self._pool.run(self.dims, W.load, *self._load_args)
+            self._pool.run(self.dims, ranks.load, *self._load_args)
         except RemoteError:
             if not self._own_pool:
                 raise
@@ -219,28 +210,28 @@ class Engine:
         with self._lock:
             if self.in_process:
                 if self._ctx is not None:
-                    W.unload(self._ctx, self._key)
+                    ranks.unload(self._ctx, self._key)
                     self._ctx = None
             elif self._pool is not None:
                 if self._own_pool:
                     self._pool.close()
                 else:
-                    self._pool.run(self.dims, W.unload, self._key)
+                    self._pool.run(self.dims, ranks.unload, self._key)
                 self._pool = None
 
     # ---- a blocking batch API (reference comparisons, benchmarks) ------------------------------
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new: int, steps: int = 16,
-                     **sampling) -> list[W.SlotOutput]:
+                     **sampling) -> list[ranks.SlotOutput]:
         """Run the given token prompts to completion, at most ``max_batch`` at a time."""
-        outs: list[W.SlotOutput] = []
+        outs: list[ranks.SlotOutput] = []
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start: start + self.max_batch]
             for p in group:
                 self.check_lengths(len(p), max_new)
-            specs = [W.SlotSpec(slot=i, prompt=list(p), max_new=max_new, stop_ids=tuple(self.eos_ids),
+            specs = [ranks.SlotSpec(slot=i, prompt=list(p), max_new=max_new, stop_ids=tuple(self.eos_ids),
                                 **sampling) for i, p in enumerate(group)]
-            merged = {i: W.SlotOutput() for i in range(len(group))}
-            plan = W.Plan(admit=specs, steps=steps)
+            merged = {i: ranks.SlotOutput() for i in range(len(group))}
+            plan = ranks.Plan(admit=specs, steps=steps)
             while True:
                 res = self.run(plan)
                 for s, o in res.items():
@@ -252,8 +243,8 @@ class Engine:
                         m.prompt_logprobs = o.prompt_logprobs
                 if all(m.finish for m in merged.values()):
                     break
-                plan = W.Plan(steps=steps)
-            self.run(W.Plan(release=list(range(len(group)))))
+                plan = ranks.Plan(steps=steps)
+            self.run(ranks.Plan(release=list(range(len(group)))))
             outs += [merged[i] for i in range(len(group))]
         return outs
 

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence as Seq
 
 from shared.inference.engine import Engine
 from shared.inference.stop import TextTracker
-from shared.inference.worker import Plan, SamplingParams, SlotOutput, SlotSpec
+from shared.inference.ranks import Plan, SamplingParams, SlotOutput, SlotSpec
 
 
 class Overloaded(RuntimeError):

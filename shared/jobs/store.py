@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import sqlalchemy as sa
 
+from shared.db_url import database_url, redact
+
 from . import db
 from .state import ACTIVE, CANCELLED, FAILED, KINDS, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, check_transition
 
@@ -74,19 +76,19 @@ def _row_to_job(row: sa.Row) -> Job:
 
 class JobStore:
     """One store, two backends: ``url`` is a SQLite file path / ``sqlite:///PATH`` or a
-    ``postgresql://`` URL (see ``shared.jobs.db.database_url``). ``pool_size`` connections are
+    ``postgresql://`` URL (see ``shared.db_url.database_url``). ``pool_size`` connections are
     kept per process; ``migrate`` brings the schema up to date first (a job's child process,
     whose worker already did, skips it)."""
 
     def __init__(self, url: Path | str, *, pool_size: int = 4, migrate: bool = True):
-        self.url = db.database_url(url)
+        self.url = database_url(url)
         self.engine = db.make_engine(self.url, pool_size=pool_size)
         self._for_update = " FOR UPDATE" if db.is_postgres(self.engine) else ""
         if migrate:
             db.migrate(self.engine)
 
     def __repr__(self) -> str:
-        return f"JobStore({db.redact(self.url)})"
+        return f"JobStore({redact(self.url)})"
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,14 +1,13 @@
 """RMSNorm, attention, MLP and one decoder layer, named as megatron-core names them.
 
-Linear layers come from a ``LayerImpl`` (the seam for another implementation such as
-Transformer Engine): a different impl must keep the parameter names and shapes, so the
-checkpoint schema never depends on the implementation.
+Every layer is plain torch (``shared.parallel.layers`` for the tensor-parallel linears). Other
+implementations (packed CPU kernels, a native decode step; later Transformer Engine) are
+applied to a built model by the inference engine (``shared.inference.impls``), overriding
+``forward`` or the linears' ``product``; they keep the parameter names, so the checkpoint
+schema never depends on the implementation.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +16,7 @@ from torch import nn
 from shared.config import ModelConfig
 from shared.model.kv_cache import KVCache
 from shared.model.ops import EAGER, Ops, rms_norm
-from shared.parallel.comm import reduce_from_tp
 from shared.parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-
-@dataclass(frozen=True)
-class LayerImpl:
-    name: str
-    column: Callable[..., nn.Module]
-    row: Callable[..., nn.Module]
-
-
-LOCAL = LayerImpl("local", ColumnParallelLinear, RowParallelLinear)
-IMPLS = {"local": LOCAL}
 
 
 class RMSNorm(nn.Module):
@@ -43,15 +30,15 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int, group, impl: LayerImpl, dtype, device):
+    def __init__(self, cfg: ModelConfig, tp: int, group, dtype, device):
         super().__init__()
         self.d = cfg.head_dim
         self.r = cfg.queries_per_group
         self.groups = cfg.num_kv_heads // tp  # kv groups on this rank
-        self.linear_qkv = impl.column(cfg.hidden_size, cfg.qkv_rows, group=group, bias=cfg.qkv_bias,
-                                      dtype=dtype, device=device)
-        self.linear_proj = impl.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group=group,
-                                    dtype=dtype, device=device)
+        self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, cfg.qkv_rows, group=group, bias=cfg.qkv_bias,
+                                               dtype=dtype, device=device)
+        self.linear_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, group=group,
+                                             dtype=dtype, device=device)
 
     def forward(self, x, cos, sin, layer: int, position_ids, cache: KVCache | None, kv_len: int | None,
                 cache_rows: torch.Tensor | None, mask: torch.Tensor | None = None, ops: Ops = EAGER):
@@ -85,56 +72,28 @@ def cache_mask(position_ids: torch.Tensor, kv_len: int, dtype: torch.dtype) -> t
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group, impl: LayerImpl, dtype, device):
+    def __init__(self, cfg: ModelConfig, group, dtype, device):
         super().__init__()
-        self.linear_fc1 = impl.column(cfg.hidden_size, 2 * cfg.intermediate_size, group=group,
-                                      dtype=dtype, device=device)
-        self.linear_fc2 = impl.row(cfg.intermediate_size, cfg.hidden_size, group=group, dtype=dtype, device=device)
+        self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, group=group,
+                                               dtype=dtype, device=device)
+        self.linear_fc2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group=group, dtype=dtype,
+                                            device=device)
 
     def forward(self, x, ops: Ops = EAGER):
         return self.linear_fc2(ops.swiglu(self.linear_fc1(x)))  # [gate_t ; up_t] per rank
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int, group, impl: LayerImpl, dtype, device):
+    def __init__(self, cfg: ModelConfig, tp: int, group, dtype, device):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attention = SelfAttention(cfg, tp, group, impl, dtype, device)
+        self.self_attention = SelfAttention(cfg, tp, group, dtype, device)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, group, impl, dtype, device)
+        self.mlp = MLP(cfg, group, dtype, device)
 
     def forward(self, x, cos, sin, layer, position_ids, cache, kv_len, cache_rows, mask=None, ops: Ops = EAGER):
-        if cache is not None and cache_rows is None and self._native_decode(x):
-            return self._decode_native(x, cos, sin, layer, position_ids, cache)
         n1, n2 = self.input_layernorm, self.pre_mlp_layernorm
         a = self.self_attention(ops.rms_norm(x, n1.weight, n1.eps), cos, sin, layer, position_ids, cache, kv_len,
                                 cache_rows, mask, ops)
         x, h = ops.add_rms_norm(x, a, n2.weight, n2.eps)
         return x + self.mlp(h, ops)
-
-    # ---- the CPU decode step in two native calls (shared.kernels) -----------------------------
-    def _native_decode(self, x: torch.Tensor) -> bool:
-        """One new token per row, fp32 on CPU, weights packed by the inference engine, no autograd."""
-        weights = (self.self_attention.linear_qkv.weight, self.self_attention.linear_proj.weight,
-                   self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight)
-        return (x.shape[1] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
-                and all(w.dim() == 3 for w in weights) and not torch.is_grad_enabled())
-
-    def _decode_native(self, x, cos, sin, layer, position_ids, cache):
-        from shared import kernels
-
-        att, mlp = self.self_attention, self.mlp
-        B, _, H = x.shape
-        h = x.reshape(B, H).contiguous()
-        k, v = cache.k[layer], cache.v[layer]
-        if not (k.is_contiguous() and v.is_contiguous()):
-            raise ValueError("the native decode step needs a contiguous cache")
-        o = kernels.decode_attention(
-            h, self.input_layernorm.weight, self.input_layernorm.eps, att.linear_qkv.weight, att.linear_qkv.bias,
-            att.linear_proj.weight, cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous(), k, v,
-            position_ids.reshape(B), att.groups, att.r, att.d)
-        h = h + reduce_from_tp(o, att.linear_proj.group)
-        m = kernels.decode_mlp(h, self.pre_mlp_layernorm.weight, self.pre_mlp_layernorm.eps,
-                               mlp.linear_fc1.weight, mlp.linear_fc2.weight)
-        h = h + reduce_from_tp(m, mlp.linear_fc2.group)
-        return h.view(B, 1, H)

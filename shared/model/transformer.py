@@ -1,7 +1,8 @@
 """One pipeline stage of a Llama-family decoder, tensor-parallel over ``ctx.tp_group``.
 
 ``state_dict()`` keys are the megatron-core names with local layer numbers, exactly the
-per-rank tensors of shared/checkpoint/layout.py.
+per-rank tensors of shared/checkpoint/layout.py. ``run_layers`` and ``logits`` are the hooks
+an implementation applied by the inference engine overrides (``shared.inference.impls``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shared.config import ModelConfig
 from shared.model.kv_cache import KVCache
-from shared.model.layers import IMPLS, RMSNorm, TransformerLayer, cache_mask
+from shared.model.layers import RMSNorm, TransformerLayer, cache_mask
 from shared.model.ops import EAGER
 from shared.model.rope import cos_sin, inv_frequencies
 from shared.parallel.layers import (VocabParallelEmbedding, gather_logits, vocab_parallel_cross_entropy,
@@ -27,22 +28,20 @@ class _Embedding(nn.Module):
 
 
 class _Decoder(nn.Module):
-    def __init__(self, cfg, n_layers, tp, group, impl, dtype, device, with_final_norm):
+    def __init__(self, cfg, n_layers, tp, group, dtype, device, with_final_norm):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, tp, group, impl, dtype, device) for _ in range(n_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, tp, group, dtype, device) for _ in range(n_layers))
         if with_final_norm:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class LlamaStage(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, dtype: torch.dtype = torch.float32,
-                 vocab_divisible_by: int = 128, impl: str = "local", recompute: bool = False,
+                 vocab_divisible_by: int = 128, recompute: bool = False,
                  device: torch.device | str | None = None):
         super().__init__()
         ctx = ctx or ParallelContext.single()
         ctx.dims.check_model(cfg)
-        if impl not in IMPLS:
-            raise ValueError(f"unknown layer implementation {impl!r}; available: {sorted(IMPLS)}")
         self.cfg, self.ctx, self.recompute = cfg, ctx, recompute
         device = device if device is not None else ctx.device
         tp, group = ctx.tp, ctx.tp_group
@@ -50,7 +49,7 @@ class LlamaStage(nn.Module):
         self.layer_range = ctx.dims.stage_layers(cfg.num_layers, ctx.pp_rank)
         if ctx.is_first_stage:
             self.embedding = _Embedding(self.padded_vocab, cfg.hidden_size, group, dtype, device)
-        self.decoder = _Decoder(cfg, len(self.layer_range), tp, group, IMPLS[impl], dtype, device,
+        self.decoder = _Decoder(cfg, len(self.layer_range), tp, group, dtype, device,
                                 with_final_norm=ctx.is_last_stage)
         if ctx.is_last_stage and (not cfg.tie_word_embeddings or ctx.dims.pp > 1):
             self.output_layer = nn.Module()
@@ -92,10 +91,14 @@ class LlamaStage(nn.Module):
             kv_len = int(position_ids.max()) + 1
         h = self.embedding.word_embeddings(x) if self.ctx.is_first_stage else x
         cos, sin = cos_sin(self.inv_freq, position_ids, h.dtype)
-        if cache is not None and cache_rows is None and self._native_decode_ready(h):
-            h = self._native_decoder()(h.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.k, cache.v,
-                                       position_ids.reshape(B)).view(B, 1, -1)
-            return self._finish(h, labels, gather)
+        h = self.run_layers(h, cos, sin, position_ids, cache, kv_len, cache_rows)
+        if logits_at is not None and self.ctx.is_last_stage:
+            h = h[torch.arange(B, device=h.device), logits_at].unsqueeze(1)
+        return self._finish(h, labels, gather)
+
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
+                   cache: KVCache | None, kv_len: int | None, cache_rows: torch.Tensor | None) -> torch.Tensor:
+        """Hidden (B, S, h) through every decoder layer of this stage (a hook: see the module doc)."""
         mask = cache_mask(position_ids, kv_len, h.dtype) if cache is not None else None  # shared by all layers
         for i, layer in enumerate(self.decoder.layers):
             if self.recompute and self.training:
@@ -103,31 +106,17 @@ class LlamaStage(nn.Module):
                                use_reentrant=False)
             else:
                 h = layer(h, cos, sin, i, position_ids, cache, kv_len, cache_rows, mask, self.ops)
-        if logits_at is not None and self.ctx.is_last_stage:
-            h = h[torch.arange(B, device=h.device), logits_at].unsqueeze(1)
-        return self._finish(h, labels, gather)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's logit columns of the final hidden state, padded vocab ids at -inf (a hook)."""
+        return vocab_parallel_logits(h, self.output_weight(), self.cfg.vocab_size, self.ctx.tp_group)
 
     def _finish(self, h: torch.Tensor, labels: torch.Tensor | None, gather: bool) -> torch.Tensor:
         if not self.ctx.is_last_stage:
             return h
         norm = self.decoder.final_layernorm
-        h = self.ops.rms_norm(h, norm.weight, norm.eps)
-        local = vocab_parallel_logits(h, self.output_weight(), self.cfg.vocab_size, self.ctx.tp_group)
+        local = self.logits(self.ops.rms_norm(h, norm.weight, norm.eps))
         if labels is not None:
             return vocab_parallel_cross_entropy(local, labels, self.ctx.tp_group)
         return gather_logits(local, self.cfg.vocab_size, self.ctx.tp_group) if gather else local
-
-    # ---- the CPU decode step as one native call (shared.kernels), tensor parallel size 1 --------
-    def _native_decode_ready(self, h: torch.Tensor) -> bool:
-        layers = self.decoder.layers
-        return (self.ctx.tp == 1 and len(layers) > 0 and h.shape[1] == 1
-                and all(layer._native_decode(h) for layer in (layers[0], layers[-1])))
-
-    def _native_decoder(self):
-        if getattr(self, "_decoder", None) is None:
-            from shared.kernels import StageDecoder
-
-            first = self.decoder.layers[0]
-            att = first.self_attention
-            self._decoder = StageDecoder(list(self.decoder.layers), first.input_layernorm.eps, att.groups, att.r, att.d)
-        return self._decoder

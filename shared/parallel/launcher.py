@@ -3,7 +3,7 @@
 ``ProcessGroupPool`` keeps ``world_size`` spawned workers alive with one default process
 group; each ``run(dims, fn, *args)`` builds (once, then cached) the TP/PP/DP groups of
 ``dims`` on the first ``dims.world_size`` workers and calls ``fn(ctx, *args)`` on each of them.
-A model can therefore be loaded once and serve many calls (state kept in ``worker_state()``).
+A model can therefore be loaded once and serve many calls (state kept in ``process_state()``).
 
 On CUDA (NCCL) rank r runs on ``devices[r]`` of the pool's explicit device list
 (``shared.parallel.devices``); a pool larger than its list is refused before anything starts.
@@ -37,7 +37,7 @@ class RemoteError(RuntimeError):
     """A worker raised; the message carries its rank and traceback."""
 
 
-def worker_state() -> dict[str, Any]:
+def process_state() -> dict[str, Any]:
     """A per-process dict that outlives single calls (e.g. a loaded model)."""
     return _STATE
 

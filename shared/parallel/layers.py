@@ -1,7 +1,9 @@
 """Tensor-parallel layers. Each takes its process group explicitly; none reads global state.
 
 Weights are stored in the layout of shared/checkpoint/layout.py, so a layer's ``weight`` is
-exactly the TP shard that a checkpoint holds for this rank.
+exactly the TP shard that a checkpoint holds for this rank. A layer's local arithmetic is one
+plain method (``product`` of the linears, ``lookup`` of the embedding) around which the layer
+does its tensor-parallel communication: another implementation overrides that method only.
 """
 
 from __future__ import annotations
@@ -23,21 +25,8 @@ def _tp_rank(group) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; a 3-D weight is one the inference engine stored as panels (``shared.kernels``)."""
-    if weight.dim() == 3:
-        from shared.kernels import packed_linear
-
-        return packed_linear(x, weight, bias)
+    """A rank's local product (``F.linear``), for code that holds weights outside the layers."""
     return F.linear(x, weight, bias)
-
-
-def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.embedding``, for row-major or panel-packed tables."""
-    if weight.dim() == 3:
-        from shared.kernels import embedding as packed_embedding
-
-        return packed_embedding(ids, weight)
-    return F.embedding(ids, weight)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -54,7 +43,11 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features // tp, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return self.product(copy_to_tp(x, self.group))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's x W_t^T (+ b_t)."""
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -69,7 +62,11 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(linear(x, self.weight), self.group)
+        return reduce_from_tp(self.product(x), self.group)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum x_t W_t^T."""
+        return F.linear(x, self.weight)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -85,21 +82,31 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if _tp_size(self.group) == 1:
-            return embedding(ids, self.weight)
-        return reduce_from_tp(masked_embedding(ids, self.weight, self.start, self.per_rank), self.group)
+            return self.lookup(ids)
+        return reduce_from_tp(masked_lookup(ids, self.lookup, self.start, self.per_rank), self.group)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (local to this rank) of this rank's table."""
+        return F.embedding(ids, self.weight)
+
+
+def masked_lookup(ids: torch.Tensor, lookup, start: int, rows: int) -> torch.Tensor:
+    """``lookup`` of the ids in [start, start + rows) (shifted to local rows); zeros elsewhere."""
+    local = ids - start
+    outside = (local < 0) | (local >= rows)
+    out = lookup(local.masked_fill(outside, 0))
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 def masked_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, rows: int) -> torch.Tensor:
     """The rows of ``weight`` (vocab ids [start, start + rows)) for ``ids`` in that range; zeros elsewhere."""
-    local = ids - start
-    outside = (local < 0) | (local >= rows)
-    out = embedding(local.masked_fill(outside, 0), weight)
-    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+    return masked_lookup(ids, lambda local: F.embedding(local, weight), start, rows)
 
 
-def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, true_vocab: int, group=None) -> torch.Tensor:
-    """This rank's logit columns [.., Vp/T], with padded-vocab columns masked to -inf."""
-    logits = linear(copy_to_tp(x, group), weight)
+def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, true_vocab: int, group=None,
+                          product=F.linear) -> torch.Tensor:
+    """This rank's logit columns [.., Vp/T] (``product(x, weight)``), padded-vocab columns at -inf."""
+    logits = product(copy_to_tp(x, group), weight)
     return mask_vocab_padding(logits, _tp_rank(group) * logits.shape[-1], true_vocab)
 
 

@@ -7,17 +7,28 @@ ever send to each other at once.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from shared.model.transformer import LlamaStage
+from shared.config import ModelConfig
 from shared.parallel.p2p import recv, send
 from shared.parallel.state import ParallelContext
 
 
-def stage_forward(stage: LlamaStage, ctx: ParallelContext, input_ids: torch.Tensor, **kw) -> torch.Tensor:
+class Stage(Protocol):
+    """One pipeline stage as the schedules see it (``shared.model.LlamaStage`` is one)."""
+
+    cfg: ModelConfig  # ``hidden_size`` sizes the activations passed between stages
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __call__(self, x: torch.Tensor, **kw) -> torch.Tensor: ...
+
+
+def stage_forward(stage: Stage, ctx: ParallelContext, input_ids: torch.Tensor, **kw) -> torch.Tensor:
     """Receive the previous stage's activations (if any), run this stage, send them on.
 
     Every rank gets the same ``input_ids`` (B, S); returns this stage's output, which on the
@@ -36,7 +47,7 @@ def stage_forward(stage: LlamaStage, ctx: ParallelContext, input_ids: torch.Tens
 
 
 @torch.no_grad()
-def pipeline_forward(stage: LlamaStage, ctx: ParallelContext, input_ids: torch.Tensor, **kw) -> torch.Tensor | None:
+def pipeline_forward(stage: Stage, ctx: ParallelContext, input_ids: torch.Tensor, **kw) -> torch.Tensor | None:
     """Inference forward through all stages; the output on the last stage, None elsewhere."""
     _, out = stage_forward(stage, ctx, input_ids, **kw)
     return out if ctx.is_last_stage else None
@@ -52,7 +63,7 @@ def broadcast_from_last_stage(t: torch.Tensor | None, ctx: ParallelContext, shap
     return t
 
 
-def pipeline_forward_backward(stage: LlamaStage, ctx: ParallelContext, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def pipeline_forward_backward(stage: Stage, ctx: ParallelContext, microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                               loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
     """GPipe schedule: all forwards, then all backwards in reverse; gradients accumulate.
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, StrictInt, model_validator
 
-from shared.protocol.limits import MAX_PROMPTS, MAX_SEED, Name
+from shared.protocol.limits import (MAX_PROMPTS, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, Fraction, Name, NewTokens,
+                                    Prompts, Temperature, TopK)
 
 # Megatron's own wording for a field that fails its type or range (keyed by field, or by
 # (field, pydantic error type) where one field has several)
@@ -17,8 +18,8 @@ MESSAGES = {
     ("prompts", "too_long"): f"Maximum number of prompts is {MAX_PROMPTS}",
     "tokens_to_generate": "tokens_to_generate must be an integer greater than or equal to 0",
     "logprobs": "logprobs must be a boolean value",
-    "temperature": "temperature must be a positive number less than or equal to 100.0",
-    "top_k": "top_k must be an integer equal to or greater than 0 and less than or equal to 1000",
+    "temperature": f"temperature must be a positive number less than or equal to {MAX_TEMPERATURE}",
+    "top_k": f"top_k must be an integer equal to or greater than 0 and less than or equal to {MAX_TOP_K}",
     "top_p": "top_p must be a positive float less than or equal to 1.0",
     "top_p_decay": "top_p_decay must be a positive float less than or equal to 1.0",
     "top_p_bound": "top_p_bound must be a positive float less than or equal to top_p",
@@ -46,21 +47,21 @@ def _strict_float(v: Any) -> Any:
     return v
 
 
-Num = Annotated[float, BeforeValidator(_float)]
+Num = BeforeValidator(_float)  # a number (int or float, not a bool) read as a float
 
 
 class MegatronRequest(BaseModel):
     """Megatron's `PUT /api` body, plus `model` naming a checkpoint. Unknown fields are refused."""
     model_config = ConfigDict(extra="forbid")
     model: Name | None = None
-    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
-    tokens_to_generate: StrictInt = Field(64, ge=0)
+    prompts: Prompts
+    tokens_to_generate: Annotated[NewTokens, Strict()] = 64
     logprobs: StrictBool = False
-    temperature: Num = Field(1.0, gt=0, le=100)
-    top_k: StrictInt = Field(0, ge=0, le=1000)
-    top_p: Num = Field(0.0, ge=0, le=1)
-    top_p_decay: Num = Field(0.0, ge=0, le=1)
-    top_p_bound: Num = Field(0.0, ge=0, le=1)
+    temperature: Annotated[Temperature, Num] = 1.0
+    top_k: Annotated[TopK, Strict()] = 0
+    top_p: Annotated[Fraction, Num] = 0.0
+    top_p_decay: Annotated[Fraction, Num] = 0.0
+    top_p_bound: Annotated[Fraction, Num] = 0.0
     add_BOS: StrictBool = False
     stop_on_eol: StrictBool = False
     stop_on_double_eol: StrictBool = False

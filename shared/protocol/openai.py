@@ -73,6 +73,11 @@ class _Request(BaseModel):
         return self
 
     @property
+    def tokens_field(self) -> str:
+        """The field that set the new-token budget (an error's ``param``)."""
+        return "max_tokens"
+
+    @property
     def stops(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
@@ -87,6 +92,8 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per position")
     suffix: str | None = None
+
+    PROMPT_FIELD: ClassVar[str] = "prompt"
 
     def new_tokens(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens
@@ -129,9 +136,15 @@ class ChatRequest(_Request):
             raise FieldError("top_logprobs", "`top_logprobs` needs `logprobs: true`")
         return self
 
+    PROMPT_FIELD: ClassVar[str] = "messages"
+
     def new_tokens(self) -> int | None:
         """The new-token budget, or None: as many as fit."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 # ---- responses ------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from shared.training.config import ConfigError, TrainConfig
-from shared.training.records import DataError
+from shared.specs.train import ConfigError, TrainConfig
+from shared.specs.records import DataError
 
 __all__ = ["Cancelled", "ConfigError", "DataError", "TrainConfig", "TrainingError", "run_finetune", "train",
            "METRICS_FILE"]

@@ -18,63 +18,16 @@ manifest last), so a crash mid-save leaves the previous checkpoint untouched.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from shared.checkpoint.safe_io import CheckpointError
+from shared.checkpoint.opener import Checkpoint, open_checkpoint
+from shared.checkpoint.run import LATEST, STATE, iteration_dir, write_latest
 
-LATEST = "latest_checkpointed_iteration.txt"
-STATE = "training/state.json"
-
-
-def iteration_dir(save: str | Path, iteration: int) -> Path:
-    return Path(save) / f"iter_{iteration:07d}"
+__all__ = ["LATEST", "STATE", "Checkpoint", "iteration_dir", "resolve_load", "write_latest"]
 
 
-def write_latest(save: str | Path, iteration: int) -> None:
-    path = Path(save) / LATEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{iteration}\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class Source:
-    """What ``--load`` names: ``kind`` is native or hf; ``state`` is set for a training checkpoint."""
-
-    kind: str
-    directory: Path
-    state: dict[str, Any] | None = None
-
-
-def resolve_load(path: str | Path) -> Source:
-    from shared.checkpoint.native import declared_format
-
-    d = Path(path)
-    if not d.is_dir():
-        raise CheckpointError(f"--load {d} does not exist or is not a directory")
-    if declared_format(d) == "hf":  # an HF checkpoint as the object store fetched it
-        return Source("hf", d)
-    if (d / LATEST).exists():
-        text = (d / LATEST).read_text().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"{d / LATEST} holds {text!r}, not an iteration number")
-        d = iteration_dir(d, int(text))
-        if not (d / STATE).exists():
-            raise CheckpointError(f"{d} (named by {LATEST}) is missing or incomplete")
-    if (d / STATE).exists():
-        return Source("native", d, json.loads((d / STATE).read_text()))
-    if (d / "manifest.json").exists():
-        return Source("native", d)
-    if (d / "config.json").exists():
-        return Source("hf", d)
-    if (d / "release" / "manifest.json").exists():
-        return Source("native", d / "release")
-    raise CheckpointError(
-        f"--load {d} is neither a checkpoint (manifest.json), an HF model (config.json) nor a training run "
-        f"({LATEST}); a conversion or save that did not finish leaves no manifest")
+def resolve_load(path: str | Path, iteration: int | str | None = None) -> Checkpoint:
+    """What ``--load`` names, through ``open_checkpoint``: a checkpoint of any format, or a run
+    directory (its latest complete iteration, or ``iteration``). ``state`` is set for a training
+    checkpoint; a LoRA run's iteration opens with its base weights (the adapters are resumed apart)."""
+    return open_checkpoint(path, iteration=iteration, allow_lora_base=True)

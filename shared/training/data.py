@@ -14,15 +14,14 @@ permutation of the rows drawn from the seed, so the data position is the iterati
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from shared.training.records import ROLES, DataError, check_record, read_jsonl  # noqa: F401 - re-exported
+from shared.specs.records import ROLES, DataError, check_record, read_jsonl  # noqa: F401 - re-exported
 
 @dataclass
 class Sample:

@@ -19,12 +19,12 @@ from typing import Any, Callable
 import torch
 
 from shared.checkpoint.layout import Layout
-from shared.checkpoint.safe_io import staging_dir
+from shared.checkpoint.staging import staging_dir
 from shared.config import ModelConfig
 from shared.parallel.dims import ParallelDims
-from shared.training import rank as R
-from shared.training.checkpoint import STATE, Source, iteration_dir, resolve_load, write_latest
-from shared.training.config import ConfigError, TrainConfig
+from shared.training import rank as rank_fns
+from shared.training.checkpoint import STATE, Checkpoint, iteration_dir, resolve_load, write_latest
+from shared.specs.train import ConfigError, TrainConfig
 from shared.training.data import PackedData, batch_indices, build_datasets
 from shared.training.memory import check_fits
 from shared.training.optim import learning_rate
@@ -44,25 +44,20 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
 
 
-def _model_config(src: Source) -> tuple[ModelConfig, dict[str, Any]]:
-    """The architecture and the fields a native manifest carries forward (generation config, source config)."""
-    if src.kind == "native":
-        from shared.checkpoint.native import load_manifest
+def _model_config(src: Checkpoint) -> tuple[ModelConfig, dict[str, Any]]:
+    """The architecture and the fields a manifest carries forward (generation config, source config)."""
+    if src.format == "native":
+        return src.config, {"generation_config": src.generation, "source_config": src.source_config}
+    from shared.checkpoint.hf import generation_config
 
-        m = load_manifest(src.directory)
-        return m.config, {"generation_config": m.raw.get("generation_config"),
-                          "source_config": m.raw.get("source_config")}
-    from shared.checkpoint.hf import generation_config, read_hf_config
-
-    raw = read_hf_config(src.directory)
-    cfg = ModelConfig.from_hf(raw)
-    return cfg, {"generation_config": generation_config(cfg, src.directory), "source_config": raw}
+    return src.config, {"generation_config": src.generation or generation_config(src.config),
+                        "source_config": src.source_config}
 
 
-def _tokenizer_dir(src: Source) -> Path:
-    from shared.tokenizer import resolve_tokenizer_dir
-
-    return resolve_tokenizer_dir(src.directory) if src.kind == "native" else src.directory
+def _tokenizer_dir(src: Checkpoint) -> Path:
+    if src.tokenizer_dir is None:
+        src.tokenizer()  # raises the error that says what to add
+    return Path(src.tokenizer_dir)
 
 
 def _check_resume(config: TrainConfig, state: dict[str, Any], train: PackedData) -> None:
@@ -108,8 +103,7 @@ class _Run:
             _check_resume(config, src.state, self.train_data)
         self.start = src.state["iteration"] if resume else 0
         self.last_checkpoint = str(src.directory) if resume else None
-        self.plan = R.RankPlan(config, self.cfg.to_dict(), src.kind, str(src.directory),
-                               str(src.directory) if resume else None)
+        self.plan = rank_fns.RankPlan(config, self.cfg.to_dict(), src, str(src.directory) if resume else None)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
         self.key = f"train-{uuid.uuid4().hex}"
         self.pool, self.own_pool, self.devices = pool, pool is None, devices
@@ -141,7 +135,7 @@ class _Run:
         final = iteration_dir(self.save, iteration)
         with staging_dir(final, overwrite=True) as tmp:
             (tmp / "training").mkdir()
-            self._call(R.rank_save, str(tmp))
+            self._call(rank_fns.rank_save, str(tmp))
             state = {"iteration": iteration, "config": self.config.to_dict(),
                      "data_fingerprint": self.train_data.fingerprint(), "data": self.train_data.stats,
                      "world_size": self.dims.world_size}
@@ -158,7 +152,7 @@ class _Run:
         out: dict[str, str] = {}
         lora_ctx = staging_dir(self.save / "lora", overwrite=True) if self.config.lora else nullcontext(None)
         with lora_ctx as lora_tmp, staging_dir(self.save / "release", overwrite=True) as tmp:
-            self._call(R.rank_save, str(tmp), True, str(lora_tmp) if lora_tmp else None)
+            self._call(rank_fns.rank_save, str(tmp), True, str(lora_tmp) if lora_tmp else None)
             self._manifest(tmp, {"iteration": iteration, "finetune_method": self.config.finetune_method,
                                  "model_files": "merged weights" if self.config.lora else "trained weights"})
             if lora_tmp is not None:
@@ -191,7 +185,7 @@ class _Run:
         loss_sum, targets = 0.0, 0.0
         for k in range(c.eval_iters):
             tokens, mask = data.rows(idx[k * c.global_batch_size:(k + 1) * c.global_batch_size])
-            r = self._from_last_stage(self._call(R.rank_evaluate, tokens, mask))
+            r = self._from_last_stage(self._call(rank_fns.rank_evaluate, tokens, mask))
             loss_sum, targets = loss_sum + r["loss_sum"], targets + r["targets"]
         loss = loss_sum / max(targets, 1.0)
         return {"phase": "eval", "iteration": iteration, "step": iteration, "valid_loss": loss,
@@ -207,8 +201,8 @@ class _Run:
             threads = max(1, (os.cpu_count() or 1) // self.dims.world_size)
             self.pool = ProcessGroupPool(self.dims.world_size, threads=threads, timeout_s=3600, devices=self.devices)
         try:
-            check_fits(self.cfg, c, self._call(R.rank_memory))  # before any rank loads a weight
-            counts = self._call(R.rank_setup, self.plan)
+            check_fits(self.cfg, c, self._call(rank_fns.rank_memory))  # before any rank loads a weight
+            counts = self._call(rank_fns.rank_setup, self.plan)
             info = {k: sum(r[k] for r in counts) for k in ("trainable", "parameters")}
             return self._loop(metrics, info)
         finally:
@@ -216,7 +210,7 @@ class _Run:
                 metrics.close()
             if not getattr(self.pool, "broken", False):
                 try:
-                    self._call(R.rank_teardown)
+                    self._call(rank_fns.rank_teardown)
                 except Exception:  # noqa: BLE001 - the original error matters more
                     pass
             if self.own_pool:
@@ -234,7 +228,7 @@ class _Run:
             tokens, mask = self.train_data.rows(batch_indices(len(self.train_data), c.seed, it, c.global_batch_size))
             lr = learning_rate(it, c)
             t0 = time.perf_counter()
-            r = self._call(R.rank_step, tokens, mask, int(mask.sum()), lr)[0]
+            r = self._call(rank_fns.rank_step, tokens, mask, int(mask.sum()), lr)[0]
             dt = time.perf_counter() - t0
             if not r["finite"]:
                 raise TrainingError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from shared.config import ModelConfig
-from shared.training.config import ConfigError, TrainConfig
+from shared.specs.train import ConfigError, TrainConfig
 
 GiB = 1 << 30
 HEADROOM = 2 * GiB

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shared.parallel.state import ParallelContext
-from shared.training.config import TrainConfig
+from shared.specs.train import TrainConfig
 
 
 def learning_rate(iteration: int, cfg: TrainConfig) -> float:

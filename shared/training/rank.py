@@ -1,7 +1,7 @@
 """What every training process does: hold its stage and optimizer, and step, evaluate and save.
 
 The coordinating process calls the module-level functions through a process pool; a rank's
-``RankTrainer`` lives in ``worker_state()`` under the run's key between calls.
+``RankTrainer`` lives in ``process_state()`` under the run's key between calls.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from shared.checkpoint.layout import Layout
 from shared.checkpoint.native import rank_file
+from shared.checkpoint.opener import Checkpoint
 from shared.config import ModelConfig
 from shared.model import LlamaStage, load_stage
-from shared.parallel.launcher import worker_state
+from shared.parallel.launcher import process_state
 from shared.parallel.pipeline import pipeline_forward
 from shared.parallel.state import ParallelContext
-from shared.training.config import TrainConfig
+from shared.specs.train import TrainConfig
 from shared.training.lora import adapter_state, apply_lora, base_state
 from shared.training.optim import MasterAdamW
 from shared.training.schedule import one_f_one_b
@@ -36,8 +37,7 @@ class RankPlan:
 
     config: TrainConfig
     model: dict[str, Any]        # ModelConfig.to_dict()
-    source_kind: str             # "native" | "hf" | "random" (benchmarks; source_dir is a config.json)
-    source_dir: str
+    source: Checkpoint           # the weights to start from (``Checkpoint.random`` for benchmarks)
     resume_dir: str | None       # a training checkpoint whose optimizer/RNG/adapters to restore
 
 
@@ -62,19 +62,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _load_local(plan: RankPlan, cfg: ModelConfig, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """This rank's fp32 state dict at the run's layout, resharded from whatever the source holds."""
     target = Layout(ctx.dims.tp, ctx.dims.pp, plan.config.make_vocab_size_divisible_by)
-    if plan.source_kind == "random":  # benchmarks: ``source_dir`` is an HF config.json
-        from shared.model import random_state
-
-        return random_state(cfg, target, ctx.tp_rank, ctx.pp_rank, torch.float32, ctx.device)
-    if plan.source_kind == "native":
-        from shared.checkpoint.native import load_rank_state_dict
-
-        return load_rank_state_dict(plan.source_dir, ctx.tp_rank, ctx.pp_rank, target=target, dtype=torch.float32)
-    from shared.checkpoint.hf import open_hf
-    from shared.checkpoint.native import shards_for_rank
-
-    _, _, src = open_hf(Path(plan.source_dir), vocab_size=cfg.vocab_size)
-    return shards_for_rank(src, cfg, target, ctx.tp_rank, ctx.pp_rank, lambda t: t.to(torch.float32))
+    return plan.source.rank_state(target, ctx.tp_rank, ctx.pp_rank, torch.float32, ctx.device)
 
 
 class RankTrainer:
@@ -202,8 +190,8 @@ def rank_memory(ctx: ParallelContext, key: str) -> tuple[int, int] | None:
 
 
 def rank_setup(ctx: ParallelContext, key: str, plan: RankPlan) -> dict[str, Any]:
-    worker_state()[key] = RankTrainer(ctx, plan)
-    trainer = worker_state()[key]
+    process_state()[key] = RankTrainer(ctx, plan)
+    trainer = process_state()[key]
 
     def counted(p) -> bool:  # each distinct parameter once across TP, PP and DP
         copy = getattr(p, "skip_in_norm", False) or (getattr(p, "tp_replicated", False) and ctx.tp_rank > 0)
@@ -214,19 +202,19 @@ def rank_setup(ctx: ParallelContext, key: str, plan: RankPlan) -> dict[str, Any]
 
 
 def rank_step(ctx: ParallelContext, key: str, tokens, mask, n_targets: int, lr: float) -> dict[str, Any]:
-    return worker_state()[key].step(tokens, mask, n_targets, lr)
+    return process_state()[key].step(tokens, mask, n_targets, lr)
 
 
 def rank_evaluate(ctx: ParallelContext, key: str, tokens, mask) -> dict[str, float]:
-    return worker_state()[key].evaluate(tokens, mask)
+    return process_state()[key].evaluate(tokens, mask)
 
 
 def rank_save(ctx: ParallelContext, key: str, directory: str, export: bool = False,
               adapters_dir: str | None = None) -> None:
-    worker_state()[key].save(directory, export, adapters_dir)
+    process_state()[key].save(directory, export, adapters_dir)
 
 
 def rank_teardown(ctx: ParallelContext, key: str) -> None:
-    worker_state().pop(key, None)
+    process_state().pop(key, None)
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -58,7 +58,7 @@ def measure(src: str, ckpt: str, block_bytes: int) -> dict:
     """RSS before the check and its high-water mark during it (reset first), in this process."""
     from shared.checkpoint import parity
     from shared.checkpoint.parity.reference import _skeleton
-    from shared.checkpoint.safe_io import open_hf_weights
+    from shared.checkpoint.tensors import open_hf_weights
     from shared.tokenizer import load_source_tokenizer
 
     torch.set_num_threads(1)

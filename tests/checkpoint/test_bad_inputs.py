@@ -15,7 +15,7 @@ import torch
 from shared.checkpoint import native
 from shared.checkpoint.convert import Cancelled, ConvertOptions, convert
 from shared.checkpoint.presets import PresetError
-from shared.checkpoint.safe_io import CheckpointError
+from shared.checkpoint.errors import CheckpointError
 from shared.config import UnsupportedModelError
 from shared.parallel.dims import LayoutError
 from tests.checkpoint.helpers import hf_tensors, run
@@ -207,9 +207,9 @@ def test_cancel_leaves_nothing(src, tmp_path):
 
 def test_failed_parity_fails_the_conversion(src, tmp_path, monkeypatch):
     """A conversion whose written weights differ from the source is caught and removed."""
-    from shared.checkpoint import layout as L
+    from shared.checkpoint import layout as param_layout
 
-    real_shard_pieces = L.shard_pieces
+    real_shard_pieces = param_layout.shard_pieces
 
     def corrupt(spec, tensors, cfg, layout):
         ranks = real_shard_pieces(spec, tensors, cfg, layout)
@@ -217,7 +217,7 @@ def test_failed_parity_fails_the_conversion(src, tmp_path, monkeypatch):
             ranks = [[p * 1.5 for p in pieces] for pieces in ranks]
         return ranks
 
-    monkeypatch.setattr(L, "shard_pieces", corrupt)
+    monkeypatch.setattr(param_layout, "shard_pieces", corrupt)
     expect_error(src, tmp_path / "out", CheckpointError, "failed validation.*parity FAIL")
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from shared.checkpoint import megatron_lm
-from shared.checkpoint.safe_io import CheckpointError
+from shared.checkpoint.errors import CheckpointError
 from tests.checkpoint.helpers import PROMPT_IDS, assert_bit_identical, hf_logits, hf_tensors, run
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint import native, parity
 from shared.checkpoint.layout import Layout
 from shared.checkpoint.parity.plan import layer_params, make_plan
-from shared.checkpoint.safe_io import CheckpointError, open_hf_weights
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import open_hf_weights
 from shared.config import ModelConfig
 from shared.parallel.dims import ParallelDims
 from shared.tokenizer import load_source_tokenizer
@@ -122,7 +123,7 @@ def test_a_fault_on_one_rank_fails_tp2_and_is_invisible_at_tp1(make_hf_checkpoin
 def test_conversion_fails_on_a_corrupted_shard_and_leaves_nothing(make_hf_checkpoint, tmp_path, monkeypatch):
     """The default conversion at TP2 (its own ranks) catches a shard written wrong on one rank."""
     src = make_hf_checkpoint("llama3")
-    real = L.shard_pieces
+    real = param_layout.shard_pieces
 
     def swapped_on_rank_1(spec, tensors, cfg, layout):
         ranks = real(spec, tensors, cfg, layout)
@@ -130,7 +131,7 @@ def test_conversion_fails_on_a_corrupted_shard_and_leaves_nothing(make_hf_checkp
             ranks[1] = ranks[1][::-1]  # [up_1, gate_1]
         return ranks
 
-    monkeypatch.setattr(L, "shard_pieces", swapped_on_rank_1)
+    monkeypatch.setattr(param_layout, "shard_pieces", swapped_on_rank_1)
     out = tmp_path / "out"
     with pytest.raises(parity.ParityError, match="parity FAIL: diverges at layer 2 mlp"):
         run(src, out, target_tp=2)

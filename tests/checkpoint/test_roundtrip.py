@@ -62,7 +62,7 @@ def test_hf_export_loads_with_transformers(make_hf_checkpoint, tmp_path):
 
 def test_hf_export_shards_with_index(make_hf_checkpoint, tmp_path):
     from shared.checkpoint import hf as hf_fmt
-    from shared.checkpoint.safe_io import open_hf_weights
+    from shared.checkpoint.tensors import open_hf_weights
 
     src = make_hf_checkpoint("llama3")
     src_sd = hf_tensors(src)

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint import native
-from shared.checkpoint import safe_io
+from shared.checkpoint import tensors as tensor_io
+from shared.checkpoint import writer as writer_io
 from shared.checkpoint.layout import Layout
 from shared.config import ModelConfig
 from shared.files import MappedFile
@@ -26,17 +27,17 @@ def _digests(ckpt):
 def test_kernel_copy_and_plain_writes_give_identical_files(make_hf_checkpoint, tmp_path, monkeypatch, tp, pp):
     src = make_hf_checkpoint("llama3")
     copied = []
-    real = safe_io.copy_range
+    real = writer_io.copy_range
 
     def counting(*args):
         ok = real(*args)
         copied.append(ok)
         return ok
 
-    monkeypatch.setattr(safe_io, "copy_range", counting)
+    monkeypatch.setattr(writer_io, "copy_range", counting)
     a = run(src, tmp_path / "copy", target_tp=tp, target_pp=pp, validate=False)
     assert copied and all(copied), "mapped source ranges should be copied by the kernel"
-    monkeypatch.setattr(safe_io, "copy_range", lambda *args: False)  # as where copy_file_range is refused
+    monkeypatch.setattr(writer_io, "copy_range", lambda *args: False)  # as where copy_file_range is refused
     b = run(src, tmp_path / "plain", target_tp=tp, target_pp=pp, validate=False)
     assert {n: f for n, f in a["files"].items() if n.endswith(".safetensors")} == \
            {n: f for n, f in b["files"].items() if n.endswith(".safetensors")}
@@ -46,7 +47,7 @@ def test_kernel_copy_and_plain_writes_give_identical_files(make_hf_checkpoint, t
 
 def test_mapped_tensors_locate_their_file_bytes(make_hf_checkpoint):
     src = make_hf_checkpoint("llama2")
-    tensors = safe_io.open_hf_weights(src, zero_copy=True)
+    tensors = tensor_io.open_hf_weights(src, zero_copy=True)
     name = "model.layers.0.self_attn.q_proj.weight"
     q = tensors.get(name)
     rows = q[4:9]  # a row range: contiguous bytes of the file
@@ -63,25 +64,25 @@ def test_pieces_are_views_that_join_to_the_shard(family, tp):
     cfg = ModelConfig.from_hf(make_hf_model(family).config.to_dict())
     layout = Layout(tp=tp)
     g = torch.Generator().manual_seed(0)
-    for spec in L.param_specs(cfg, layout)[:8]:
-        hf = [torch.randn(L.hf_shape(cfg, n), generator=g) for n in spec.hf_names]
-        ranks = L.shard_pieces(spec, hf, cfg, layout)
-        if spec.kind in (L.QKV, L.FC1, L.REPLICATED):  # row ranges of the inputs: nothing copied
+    for spec in param_layout.param_specs(cfg, layout)[:8]:
+        hf = [torch.randn(param_layout.hf_shape(cfg, n), generator=g) for n in spec.hf_names]
+        ranks = param_layout.shard_pieces(spec, hf, cfg, layout)
+        if spec.kind in (param_layout.QKV, param_layout.FC1, param_layout.REPLICATED):  # row ranges of the inputs: nothing copied
             bases = {h.untyped_storage().data_ptr() for h in hf}
             assert all(p.untyped_storage().data_ptr() in bases for pieces in ranks for p in pieces)
-        shards = [L.join_pieces(pieces) for pieces in ranks]
+        shards = [param_layout.join_pieces(pieces) for pieces in ranks]
         assert all(s.is_contiguous() for s in shards)
-        assert all(torch.equal(a, b) for a, b in zip(L.unshard(spec, shards, cfg, layout), hf))
+        assert all(torch.equal(a, b) for a, b in zip(param_layout.unshard(spec, shards, cfg, layout), hf))
 
 
 def test_repeated_conversions_copy_the_right_bytes(make_hf_checkpoint, tmp_path, monkeypatch):
     """Maps come and go while the writer runs; an address reused by a new map must never be taken
     for the old one's file range (this once copied a neighbouring layer's bytes)."""
     src = make_hf_checkpoint("llama3")
-    real = safe_io.copy_range
-    monkeypatch.setattr(safe_io, "copy_range", lambda *args: False)
+    real = writer_io.copy_range
+    monkeypatch.setattr(writer_io, "copy_range", lambda *args: False)
     run(src, tmp_path / "ref", target_tp=1, target_pp=4, validate=False)
-    monkeypatch.setattr(safe_io, "copy_range", real)
+    monkeypatch.setattr(writer_io, "copy_range", real)
     for i in range(12):
         out = tmp_path / f"out{i}"
         manifest = run(src, out, target_tp=1, target_pp=4, validate=False)
@@ -97,12 +98,12 @@ def test_default_reads_are_owned_so_changes_are_written(make_hf_checkpoint, tmp_
     import torch
 
     src = make_hf_checkpoint("llama3")
-    tensors = safe_io.open_hf_weights(src)
+    tensors = tensor_io.open_hf_weights(src)
     name = "model.layers.0.mlp.down_proj.weight"
     t = tensors.get(name)
     assert MappedFile.locate(t.data_ptr(), t.numel() * t.element_size()) is None
     t.mul_(2.0)  # as an optimizer step would
-    w = safe_io.StreamingSafetensorsWriter(tmp_path / "x.safetensors", [(name, tuple(t.shape), t.dtype)])
+    w = writer_io.StreamingSafetensorsWriter(tmp_path / "x.safetensors", [(name, tuple(t.shape), t.dtype)])
     w.add(name, t)
     w.close()
     from safetensors.torch import load_file

@@ -58,7 +58,7 @@ def test_added_tokens_count_toward_vocab(bpe_tokenizer_dir, tmp_path):
 
 
 def test_tokenizer_larger_than_model_is_refused(make_hf_checkpoint, spm_file, tmp_path):
-    from shared.checkpoint.safe_io import CheckpointError
+    from shared.checkpoint.errors import CheckpointError
 
     src = make_hf_checkpoint("llama3")  # 333 embeddings
     with pytest.raises(CheckpointError, match="tokenizer has 32768 tokens.*only 333"):

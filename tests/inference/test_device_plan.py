@@ -10,7 +10,7 @@ from shared.inference import sampling as S
 from shared.inference.cuda_graphs import batch_buckets, bucket_for, kv_buckets
 from shared.inference.device_step import DecodePlan
 from shared.inference.engine import Engine
-from shared.inference.worker import SamplingParams
+from shared.inference.ranks import SamplingParams
 from tests.inference.helpers import tiny_hf_dir
 from tests.inference.test_kernels import _decode_logits, _stage
 
@@ -102,7 +102,7 @@ def _batch(rows, vocab=4):
 
 
 def test_batched_penalties_are_the_row_penalties():
-    from shared.inference.worker import SlotSpec
+    from shared.inference.ranks import SlotSpec
 
     torch.manual_seed(5)
     x = torch.randn(3, 50) * 2

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.assets import smollm2_hf_dir
-from shared.inference import worker as W
+from shared.inference import ranks
 from shared.inference.engine import Engine, LengthError
 from shared.parallel.launcher import RemoteError
 from tests.inference.helpers import tiny_hf_dir
@@ -91,7 +91,7 @@ def test_failed_plan_recovers_the_ranks(dist_pool, tmp_path_factory):
         prompt = e.tokenizer("Hello there").input_ids
         before = e.generate_ids([prompt], 6)[0].tokens
         with pytest.raises(RemoteError, match="out of range"):
-            e.run(W.Plan(admit=[W.SlotSpec(slot=99, prompt=prompt, max_new=3)]))
+            e.run(ranks.Plan(admit=[ranks.SlotSpec(slot=99, prompt=prompt, max_new=3)]))
         assert e.restarts == 1
         assert e.generate_ids([prompt], 6)[0].tokens == before
     finally:

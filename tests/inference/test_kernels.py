@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from shared import kernels
 from shared.config import ModelConfig
-from shared.inference.worker import cpu_weight_layout
+from shared.inference.impls import cpu_weight_layout
 from shared.model import LlamaStage
 from shared.parallel.state import ParallelContext
 from tests.model.families import make_hf_model
@@ -49,7 +49,7 @@ def _decode_logits(stage, prompts, steps):
     out, last, pos = [], [], []
     with torch.no_grad():
         for b, p in enumerate(prompts):
-            from shared.inference.worker import CacheRows
+            from shared.model.kv_cache import CacheRows
 
             logits = stage(torch.tensor([p]), position_ids=torch.arange(len(p)).unsqueeze(0),
                            cache=CacheRows(cache, b, b + 1), kv_len=len(p))

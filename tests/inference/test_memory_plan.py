@@ -8,7 +8,7 @@ import torch
 from shared.config import ModelConfig
 from shared.inference.memory import GiB, MemoryPlanError, explain, kv_bytes_per_row, plan_cache
 from shared.parallel.dims import ParallelDims
-from shared.training.config import ConfigError, TrainConfig
+from shared.specs.train import ConfigError, TrainConfig
 from shared.training.memory import check_fits, estimate, stage_parameters, worst_rank
 
 LLAMA3_8B = ModelConfig.from_hf(dict(

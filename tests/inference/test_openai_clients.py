@@ -91,8 +91,19 @@ def test_errors_are_openai_errors(oai, served):
     with pytest.raises(openai.BadRequestError, match="tools"):
         oai.chat.completions.create(model="tiny-native", messages=[{"role": "user", "content": "x"}],
                                     tools=[{"type": "function", "function": {"name": "f"}}])
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as e:
         oai.models.retrieve("other")
+    assert e.value.param == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="other", prompt="x", max_tokens=1)
+    assert e.value.param == "model"
+    with pytest.raises(openai.BadRequestError, match="ask for fewer tokens") as e:
+        oai.completions.create(model="tiny-native", prompt="x", max_tokens=1000)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="ask for fewer tokens") as e:
+        oai.chat.completions.create(model="tiny-native", messages=[{"role": "user", "content": "x"}],
+                                    max_completion_tokens=1000)
+    assert e.value.param == "max_completion_tokens"
     assert oai.models.retrieve("tiny-native").id == "tiny-native"
     r = httpx.put(served.url + "/api", json={"prompts": ["a"], "top_k": 5, "top_p": 0.5})
     assert r.status_code == 400 and r.json() == {"message": "cannot set both top-k and top-p samplings."}

@@ -64,7 +64,7 @@ def test_incremental_decoding_matches_full_forward(dist_pool, tp, pp):
 
 
 def _reference_grads(cfg, hf_state, microbatches):
-    from shared.model import load_hf_single
+    from shared.checkpoint.in_memory import load_hf_single
 
     model = load_hf_single(cfg, hf_state).train()
     for p in model.parameters():

@@ -23,7 +23,7 @@ import redis
 from pydantic import ValidationError
 
 from gateway.api.deps import model_positions
-from gateway.core.config import LOCAL_DEV_KEY, Settings, hash_key
+from shared.settings import LOCAL_DEV_KEY, Settings, hash_key
 from services.stack import free_port
 from tests.services.conftest import client, dump_logs, start_stack, wait_for
 
@@ -345,6 +345,6 @@ def test_production_refuses_insecure_defaults(monkeypatch):
     # the settings are read from the environment at start-up: the same refusal stops the gateway
     env = {"LLAMA_SVC_ENVIRONMENT": "production", "LLAMA_SVC_API_KEYS": json.dumps(PROD["api_keys"]),
            "LLAMA_SVC_STORAGE_URL": "s3://minioadmin:minioadmin@minio:9000/ckpt", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", "from gateway.core.config import Settings; Settings()"], env=env,
+    out = subprocess.run([sys.executable, "-c", "from shared.settings import Settings; Settings()"], env=env,
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode != 0 and "LLAMA_SVC_STORAGE_URL" in out.stderr, out.stderr[-500:]

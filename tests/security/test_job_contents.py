@@ -84,7 +84,8 @@ def test_an_index_cannot_name_another_teams_weights(world, tiny_hf, tmp_path, ho
 def test_the_loaders_refuse_an_escaping_index_too(tiny_hf, tmp_path):
     """Defence in depth: a directory that never went through the upload check."""
     from shared.checkpoint.hf import check_hf_dir
-    from shared.checkpoint.safe_io import CheckpointError, open_hf_weights
+    from shared.checkpoint.errors import CheckpointError
+    from shared.checkpoint.tensors import open_hf_weights
 
     outside = tmp_path / "other-team.safetensors"
     shutil.copyfile(tiny_hf / "model.safetensors", outside)

@@ -13,8 +13,8 @@ import pytest
 
 from services.client import Client
 from services.stack import LocalStack, free_port
-from tests.services.helpers import make_hf_checkpoint
-from tests.services.pg import PostgresServer
+from shared.samples import make_hf_checkpoint
+from services.postgres import PostgresServer
 
 KEYS = {"key-team-a": "team-a", "key-team-b": "team-b"}
 # Short timings so recovery paths run in seconds.

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
 from gateway.app import create_app
-from gateway.core.config import Settings, hash_key
+from shared.settings import Settings, hash_key
 from services.generate.server import create_app as create_server
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.services.conftest import client, dump_logs, start_stack, wait_state
-from tests.services.helpers import make_hf_checkpoint
+from shared.samples import make_hf_checkpoint
 
 PROMPTS = ["the quick brown fox", "hello world", "a checkpoint is", "tensor and pipeline", "the lazy dog",
            "layers and heads"]

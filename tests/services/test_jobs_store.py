@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from shared.jobs import IdempotencyConflict, InvalidTransition, JobStore, check_transition, eta_seconds
+from shared import db_url
 from shared.jobs import db
 
 
@@ -189,18 +190,18 @@ def test_sqlite_file_from_before_migrations_is_adopted(tmp_path):
 
 
 def test_jobs_db_setting(tmp_path):
-    assert db.database_url("", tmp_path / "j.db") == f"sqlite:///{tmp_path / 'j.db'}"
-    assert db.database_url(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
-    assert db.database_url(f"sqlite:///{tmp_path}/y.db") == f"sqlite:///{tmp_path / 'y.db'}"
-    assert db.database_url("postgresql://u:p@h:5432/jobs") == "postgresql+psycopg://u:p@h:5432/jobs"
+    assert db_url.database_url("", tmp_path / "j.db") == f"sqlite:///{tmp_path / 'j.db'}"
+    assert db_url.database_url(str(tmp_path / "x.db")) == f"sqlite:///{tmp_path / 'x.db'}"
+    assert db_url.database_url(f"sqlite:///{tmp_path}/y.db") == f"sqlite:///{tmp_path / 'y.db'}"
+    assert db_url.database_url("postgresql://u:p@h:5432/jobs") == "postgresql+psycopg://u:p@h:5432/jobs"
     for bad in ("mysql://u@h/jobs", "postgresql:/user@host:5432/jobs", "redis://h/0", "postgresql://u@h:5432",
                 "sqlite://relative.db", "postgresql+psycopg2://u@h/j"):
         with pytest.raises(ValueError, match="LLAMA_SVC_JOBS_DB"):
-            db.database_url(bad)
+            db_url.database_url(bad)
     with pytest.raises(ValueError) as e:
-        db.database_url("mysql://u:secret@h/jobs")
+        db_url.database_url("mysql://u:secret@h/jobs")
     assert "secret" not in str(e.value)
-    assert db.redact("postgresql+psycopg://u:secret@h/j") == "postgresql+psycopg://u:***@h/j"
+    assert db_url.redact("postgresql+psycopg://u:secret@h/j") == "postgresql+psycopg://u:***@h/j"
 
 
 class _Publisher:

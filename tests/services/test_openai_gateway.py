@@ -114,15 +114,48 @@ def test_errors_are_the_sdks(oai):
     with pytest.raises(openai.BadRequestError, match="tools"):
         oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                     tools=[{"type": "function", "function": {"name": "f"}}])
-    with pytest.raises(openai.BadRequestError, match="max_position_embeddings"):
+    with pytest.raises(openai.BadRequestError, match="max_position_embeddings") as e:
         oai.completions.create(model="tiny", prompt="x", max_tokens=1000)
-    with pytest.raises(openai.NotFoundError):
+    assert e.value.param == "max_tokens" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as e:
         oai.completions.create(model="missing", prompt="x", max_tokens=1)
-    with pytest.raises(openai.NotFoundError):
+    assert e.value.param == "model" and e.value.body["type"] == "not_found_error"
+    with pytest.raises(openai.NotFoundError) as e:
         oai.models.retrieve("missing")
+    assert e.value.param == "model"
     assert oai.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=str(oai.base_url), api_key="wrong", max_retries=0).models.list()
+
+
+def test_gateway_refusals_name_their_param(oai, stack):
+    """The gateway's own refusals carry OpenAI's `param`, as the standalone server's do."""
+    with pytest.raises(openai.BadRequestError, match="max_position_embeddings") as e:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                    max_completion_tokens=1000)
+    assert e.value.param == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1000)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert e.value.param == "model" and e.value.body["message"] == "model 'missing' not found"
+    with pytest.raises(openai.BadRequestError) as e:  # no model named: the gateway cannot pick one
+        oai.completions.create(model=None, prompt="x", max_tokens=1)
+    assert e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="tiny", prompt="x", max_tokens=100_000)  # over LLAMA_SVC_MAX_NEW_TOKENS
+    assert e.value.param == "max_tokens"
+    r = _raw_post(stack, {"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["param"] == "model"
+
+
+def _raw_post(stack, body: dict):
+    import httpx
+
+    return httpx.post(stack.url + "/v1/completions", json=body, headers={"Authorization": "Bearer key-team-a"},
+                      timeout=60)
 
 
 def test_over_capacity_is_rate_limit_error(oai):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from shared.training.config import ConfigError, TrainConfig
+from shared.specs.train import ConfigError, TrainConfig
 from shared.training.data import DataError, batch_indices, build_datasets, load_samples
 from shared.training.optim import learning_rate
 from tests.training.conftest import write_jsonl

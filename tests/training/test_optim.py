@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.training.config import TrainConfig
+from shared.specs.train import TrainConfig
 from shared.training.optim import MasterAdamW
 
 

@@ -15,7 +15,7 @@ from gateway.api.deps import Svc
 from gateway.api.schemas import DatasetList, DatasetOut, Name
 from gateway.auth import Team
 from shared.storage import DATASET_FILE, CheckpointExists, CheckpointNotFound
-from shared.training.records import DataError, check_jsonl
+from shared.specs.records import DataError, check_jsonl
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 NOT_FOUND = {404: {"description": "no such dataset for this team"}}

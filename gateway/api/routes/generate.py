@@ -10,10 +10,11 @@ import json
 import time
 
 from anyio import to_thread
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from gateway import relay
+from gateway.relay import ApiError
 from gateway.api.deps import Svc
 from gateway.auth import Team
 from shared.protocol.errors import MegatronError, OpenAIError
@@ -36,24 +37,26 @@ def _errors(model) -> dict:
 MEGATRON_ERRORS, OPENAI_ERRORS = _errors(MegatronError), _errors(OpenAIError)
 
 
-async def _check(svc, team: str, model: str | None, max_new: int | None, prompts: list, field: str,
+async def _check(svc, team: str, model: str | None, max_new: int | None, prompts: list, fields: tuple[str, str],
                  status: int) -> str:
-    s = svc.settings
+    """The model to relay to, after the gateway's own limits; ``fields`` names the request's
+    new-token and prompt fields (an error's ``param``)."""
+    s, (tokens, prompt) = svc.settings, fields
     if model is None:
-        raise HTTPException(status, "name the checkpoint to generate from in `model`")
+        raise ApiError(status, "name the checkpoint to generate from in `model`", "model")
     if len(prompts) > s.max_prompts:
-        raise HTTPException(status, f"at most {s.max_prompts} prompts per request")
+        raise ApiError(status, f"at most {s.max_prompts} prompts per request", prompt)
     if any(len(p) > s.max_prompt_chars for p in prompts):
-        raise HTTPException(status, f"a prompt is longer than {s.max_prompt_chars} characters")
+        raise ApiError(status, f"a prompt is longer than {s.max_prompt_chars} characters", prompt)
     if max_new is not None and max_new > s.max_new_tokens:
-        raise HTTPException(status, f"at most {s.max_new_tokens} new tokens per request")
+        raise ApiError(status, f"at most {s.max_new_tokens} new tokens per request", tokens)
     info = await relay.model_info(svc, team, model)
     if info is None:
-        raise HTTPException(404, f"model {model!r} not found")
+        raise ApiError(404, f"model {model!r} not found", "model")
     limit = info["max_positions"]
     if limit is not None and max_new is not None and max_new > limit:
-        raise HTTPException(400, f"{field}={max_new} is more than model {model!r} can hold: its "
-                                 f"max_position_embeddings is {limit} (prompt included); ask for fewer tokens")
+        raise ApiError(400, f"{tokens}={max_new} is more than model {model!r} can hold: its "
+                            f"max_position_embeddings is {limit} (prompt included); ask for fewer tokens", tokens)
     return model
 
 
@@ -70,7 +73,8 @@ def _timing_headers(response: Response, msg: dict) -> None:
 @router.put("/api", response_model=MegatronResponse, responses=MEGATRON_ERRORS)
 async def megatron_api(req: MegatronRequest, svc: Svc, team: Team, response: Response) -> dict:
     """Megatron's text generation server contract."""
-    model = await _check(svc, team, req.model, req.tokens_to_generate, req.prompts, "tokens_to_generate", 422)
+    model = await _check(svc, team, req.model, req.tokens_to_generate, req.prompts, ("tokens_to_generate", "prompts"),
+                         422)
     t0 = time.perf_counter()
     # only the fields the client sent: Megatron validates a present field even at its default
     body = req.model_dump(exclude={"model"}, exclude_unset=True, exclude_none=True)
@@ -81,7 +85,7 @@ async def megatron_api(req: MegatronRequest, svc: Svc, team: Team, response: Res
 
 
 async def _openai(svc, team: str, api: str, req, prompts: list, response: Response):
-    model = await _check(svc, team, req.model, req.new_tokens(), prompts, "max_tokens", 400)
+    model = await _check(svc, team, req.model, req.new_tokens(), prompts, (req.tokens_field, req.PROMPT_FIELD), 400)
     body = req.model_dump(exclude={"model"}, exclude_unset=True)
     if req.stream:  # the worker always reports usage; the client gets it only if it asked
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -144,4 +148,4 @@ async def model(model_id: str, svc: Svc, team: Team) -> ModelCard:
     for m in ms:
         if m["storage"]["name"] == model_id:
             return _card(m, team)
-    raise HTTPException(404, f"model {model_id!r} not found")
+    raise ApiError(404, f"model {model_id!r} not found", "model")

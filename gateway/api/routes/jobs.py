@@ -13,7 +13,8 @@ from anyio import to_thread
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from gateway.api.deps import Svc, model_config, model_positions
+from gateway.api.deps import Svc
+from gateway.core.manifests import model_config, model_positions
 from gateway.api.schemas import EventList, JobList, JobMetrics, JobOut, JobRequest
 from gateway.auth import Team
 from shared.jobs import KINDS, STATES, TERMINAL, IdempotencyConflict, Job, eta_seconds
@@ -22,7 +23,7 @@ from shared.jobs.reaper import dispatch
 from shared.parallel.dims import LayoutError, ParallelDims
 from shared.storage import METRICS_ARTIFACT, ObjectNotFound, artifact_key
 from shared.storage.uploads import UploadNotFound, granted
-from shared.training.config import ConfigError, TrainConfig
+from shared.specs.train import ConfigError, TrainConfig
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("llama_svc.gateway")

@@ -31,7 +31,9 @@ from shared.checkpoint.layout import hf_names
 from shared.checkpoint.parity.candidate import Candidate, Written
 from shared.checkpoint.parity.plan import BLOCK_BYTES, Plan, make_plan
 from shared.checkpoint.parity.reference import EMBED, Reference
-from shared.checkpoint.safe_io import CheckpointError, TensorSource, dtype_name, open_hf_weights
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import TensorSource
+from shared.dtypes import dtype_name
 
 __all__ = ["ParityError", "ParityReport", "Tolerance", "Written", "check", "check_directories", "prompt_ids",
            "store_report", "stream"]
@@ -375,20 +377,11 @@ def check(cfg: ModelConfig, reference: TensorSource, written: Written, tokenizer
 # ---- a stored checkpoint against its source directory --------------------------------------------
 
 def open_written(directory: Path) -> tuple[Written, ModelConfig, torch.dtype]:
-    """A checkpoint on disk as the candidate reads it: native (manifest), Megatron-LM's torch layout, or HF."""
-    from shared.checkpoint import hf as hf_fmt
-    from shared.checkpoint import megatron_lm, native
-    from shared.checkpoint.layout import Layout
+    """A checkpoint on disk as the candidate reads it: native, Megatron-LM's torch layout, or HF."""
+    from shared.checkpoint.opener import open_checkpoint
 
-    d = Path(directory)
-    if native.declared_format(d) == "native":
-        m = native.load_manifest(d)
-        return Written("native", str(d), m.layout), m.config, m.dtype
-    if megatron_lm.is_megatron_lm(d):
-        cfg, layout, dtype = megatron_lm.config_from_args(megatron_lm.load_rank(d, 0, 0)["args"])
-        return Written("megatron-lm", str(d), layout), cfg, dtype
-    raw = hf_fmt.read_hf_config(d)
-    return Written("hf", str(d), Layout()), ModelConfig.from_hf(raw), hf_fmt.source_dtype(raw, open_hf_weights(d))
+    ckpt = open_checkpoint(directory, formats=("native", "megatron-lm", "hf"))
+    return Written(ckpt.format, ckpt.directory, ckpt.layout), ckpt.config, ckpt.dtype
 
 
 def open_reference(directory: Path, cfg: ModelConfig) -> TensorSource:
@@ -396,16 +389,14 @@ def open_reference(directory: Path, cfg: ModelConfig) -> TensorSource:
     one tensor at a time, in memory), checked against ``cfg``'s shapes."""
     import dataclasses
 
-    from shared.checkpoint import meta
-    from shared.checkpoint.safe_io import check_hf_shapes
+    from shared.checkpoint.hf import check_hf_shapes
+    from shared.checkpoint.opener import declared, open_checkpoint
 
     d = Path(directory)
-    if (d / "config.json").exists():
-        src = open_hf_weights(d, zero_copy=True)
-    elif (d / "params.json").exists():
-        src = meta.open_meta(d, vocab_size=cfg.vocab_size)[2]
-    else:
+    if declared(d, ("hf", "meta")) not in ("hf", "meta"):
         raise CheckpointError(f"{d} is neither an HF checkpoint (config.json) nor a Meta one (params.json)")
+    ref = open_checkpoint(d, formats=("hf", "meta"))
+    src = ref.tensors(zero_copy=True)
     rows = src.shape(EMBED)[0] if EMBED in src else cfg.vocab_size
     check_hf_shapes(src, dataclasses.replace(cfg, vocab_size=rows))
     return src

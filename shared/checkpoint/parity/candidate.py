@@ -20,17 +20,19 @@ from typing import Any
 import torch
 
 from shared.config import ModelConfig
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint import megatron_lm, native
 from shared.checkpoint.layout import Layout
 from shared.checkpoint.parity.plan import evict, resident
-from shared.checkpoint.safe_io import DTYPES, CheckpointError, SafetensorsSource, dtype_name, open_hf_weights
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import open_hf_weights, SafetensorsSource
+from shared.dtypes import dtype_name, parse_dtype
 from shared.model.kv_cache import KVCache
-from shared.model.layers import LOCAL, RMSNorm, TransformerLayer
+from shared.model.layers import RMSNorm, TransformerLayer
 from shared.model.rope import cos_sin, inv_frequencies
 from shared.parallel.comm import reduce_from_tp
 from shared.parallel.dims import ParallelDims
-from shared.parallel.launcher import ProcessGroupPool, worker_state
+from shared.parallel.launcher import ProcessGroupPool, process_state
 from shared.parallel.layers import gather_logits, linear, mask_vocab_padding, masked_embedding
 from shared.parallel.state import ParallelContext
 
@@ -112,7 +114,7 @@ class _HFShards(_NativeShards):
             raise CheckpointError("an HF checkpoint is read at TP1·PP1")
         self._cfg, self._layout = cfg, w.layout
         self._src = open_hf_weights(Path(w.directory), zero_copy=True)
-        self._spec = {s.local_name(cfg, w.layout): s for s in L.param_specs(cfg, w.layout)}
+        self._spec = {s.local_name(cfg, w.layout): s for s in param_layout.param_specs(cfg, w.layout)}
 
     def has(self, stage: int, name: str) -> bool:
         return name in self._spec
@@ -123,8 +125,7 @@ class _HFShards(_NativeShards):
     def get(self, stage: int, name: str) -> torch.Tensor:
         spec = self._spec[name]
         hf = [self._src.get(n) for n in spec.hf_names]
-        return L.shard(spec, [t[: self._cfg.vocab_size] if spec.kind == L.VOCAB else t for t in hf],
-                       self._cfg, self._layout)[0]
+        return param_layout.shard(spec, [param_layout.trim_vocab(spec, t, self._cfg) for t in hf], self._cfg, self._layout)[0]
 
     def rows(self, stage: int, name: str, lo: int, n: int) -> torch.Tensor:
         t = self._src.get(self._spec[name].hf_names[0])[lo:min(lo + n, self._cfg.vocab_size)]
@@ -149,9 +150,9 @@ class _Rank:
     def __init__(self, ctx: ParallelContext, setup: _Setup) -> None:
         self.ctx, self.token = ctx, setup.token
         self.cfg = cfg = ModelConfig.from_dict(setup.model)
-        self.layout, self.compute = setup.written.layout, DTYPES[setup.compute]
+        self.layout, self.compute = setup.written.layout, parse_dtype(setup.compute)
         self.shards = _SHARDS[setup.written.kind](setup.written, cfg, ctx.tp_rank)
-        self.layer = TransformerLayer(cfg, ctx.tp, ctx.tp_group, LOCAL, self.compute, "meta").eval()
+        self.layer = TransformerLayer(cfg, ctx.tp, ctx.tp_group, self.compute, "meta").eval()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.compute)
         self.block = torch.empty(setup.block_rows, cfg.hidden_size, dtype=self.compute)
         self.per_rank = self.layout.padded_vocab(cfg) // ctx.tp
@@ -187,7 +188,7 @@ class _Rank:
 
     def _layer_names(self, i: int) -> tuple[int, list[str]]:
         """The stage holding layer ``i`` and the layer's local names in that stage's rank file."""
-        specs = L.layer_specs(self.cfg, i)
+        specs = param_layout.layer_specs(self.cfg, i)
         return specs[0].pp_rank(self.cfg, self.layout), [s.local_name(self.cfg, self.layout) for s in specs]
 
     def layer_step(self, arg: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +229,7 @@ class _Rank:
 @torch.no_grad()
 def rank_step(ctx: ParallelContext, setup: _Setup, op: str, arg: Any) -> Any:
     """One step on one rank (``embed``, ``layer_step``, ``head`` or ``close``); TP rank 0 returns the result."""
-    state = worker_state()
+    state = process_state()
     if op == "close":
         state.pop("parity", None)
         return None

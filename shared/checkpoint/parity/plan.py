@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from shared.config import ModelConfig
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint.layout import Layout
 from shared.checkpoint.native import shard_shape
 from shared.files import release_freed_memory
@@ -99,12 +99,12 @@ def evict(module: torch.nn.Module) -> None:
 
 def layer_params(cfg: ModelConfig) -> int:
     """Parameters of one decoder layer (the reference's module)."""
-    return sum(_numel(L.hf_shape(cfg, n)) for spec in L.layer_specs(cfg, 0) for n in spec.hf_names)
+    return sum(_numel(param_layout.hf_shape(cfg, n)) for spec in param_layout.layer_specs(cfg, 0) for n in spec.hf_names)
 
 
 def shard_params(cfg: ModelConfig, layout: Layout) -> int:
     """Parameters of one TP rank's shard of one decoder layer."""
-    return sum(_numel(shard_shape(spec, cfg, layout)) for spec in L.layer_specs(cfg, 0))
+    return sum(_numel(shard_shape(spec, cfg, layout)) for spec in param_layout.layer_specs(cfg, 0))
 
 
 def make_plan(cfg: ModelConfig, layout: Layout, weights: torch.dtype, compute: torch.dtype, batch: int, seq: int,

@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from shared.config import ModelConfig
-from shared.checkpoint import layout as L
+from shared.checkpoint import layout as param_layout
 from shared.checkpoint.parity.plan import evict, resident
-from shared.checkpoint.safe_io import CheckpointError, TensorSource
+from shared.checkpoint.errors import CheckpointError
+from shared.checkpoint.tensors import TensorSource
 
 EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
 
 def _layer_names(cfg: ModelConfig, i: int) -> list[str]:
-    return [n for spec in L.layer_specs(cfg, i) for n in spec.hf_names]
+    return [n for spec in param_layout.layer_specs(cfg, i) for n in spec.hf_names]
 
 
 def _skeleton(cfg: ModelConfig, compute: torch.dtype):

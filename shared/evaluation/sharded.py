@@ -1,122 +1,48 @@
 """Our TP/PP model behind a process-group pool, for scoring and greedy decoding.
 
-Each rank loads only its own shard (from a native checkpoint or straight from an HF directory)
-once into ``worker_state()``; later calls pass token batches. Log-probs are computed on the
+Each rank loads only its own shard (of any checkpoint ``open_checkpoint`` opens)
+once into ``process_state()``; later calls pass token batches. Log-probs are computed on the
 last pipeline stage and only the per-continuation results travel back.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from shared.checkpoint.layout import VOCAB, Layout, param_specs, shard
-from shared.checkpoint.safe_io import CheckpointError
-from shared.config import ModelConfig
+from shared.checkpoint.layout import Layout
+from shared.checkpoint.opener import Checkpoint, open_checkpoint
+from shared.dtypes import dtype_name, parse_dtype
 from shared.evaluation.batching import ScoreBatch, score_from_logits
 from shared.model import load_stage
 from shared.parallel.dims import ParallelDims
-from shared.parallel.launcher import ProcessGroupPool, worker_state
+from shared.parallel.launcher import ProcessGroupPool, process_state
 from shared.parallel.pipeline import broadcast_from_last_stage, pipeline_forward
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _SLOT = "evaluation"
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use fp32 or bf16")
-    return DTYPES[name]
-
-
-def dtype_label(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).replace("torch.", ""))
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights come from; everything a rank needs to load its shard."""
-    kind: str            # "native" | "hf"
-    directory: str
-    config: dict         # ModelConfig.to_dict()
-    divisible_by: int = 128
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.config)
-
-
-def open_source(path: str | Path) -> ModelSource:
-    """A native checkpoint (has manifest.json) or an HF checkpoint directory (has config.json)."""
-    d = Path(path)
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint {d} is not a directory; pass a native checkpoint or an HF model directory")
-    from shared.checkpoint.native import declared_format, load_manifest
-
-    if declared_format(d) == "native":
-        m = load_manifest(d)
-        return ModelSource("native", str(d.resolve()), m.config.to_dict(), m.layout.divisible_by)
-    if (d / "config.json").exists():
-        from shared.checkpoint.hf import read_hf_config
-
-        return ModelSource("hf", str(d.resolve()), ModelConfig.from_hf(read_hf_config(d)).to_dict())
-    raise CheckpointError(f"{d} has neither manifest.json (a converted checkpoint) nor config.json (an HF model)")
-
-
-def load_tokenizer_for(src: ModelSource):
-    from shared.tokenizer import load_source_tokenizer, load_tokenizer
-
-    return load_tokenizer(src.directory) if src.kind == "native" else load_source_tokenizer(src.directory)
-
-
-def _local_state(ctx, src: ModelSource, layout: Layout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    cfg = src.cfg
-    if src.kind == "native":
-        from shared.checkpoint.native import load_rank_state_dict
-
-        return load_rank_state_dict(src.directory, ctx.tp_rank, ctx.pp_rank, target=layout, dtype=dtype)
-    from shared.checkpoint.safe_io import open_hf_weights
-
-    weights = open_hf_weights(Path(src.directory))
-    state = {}
-    try:
-        for spec in param_specs(cfg, layout):
-            if spec.pp_rank(cfg, layout) != ctx.pp_rank:
-                continue
-            hf = [weights.get(n) for n in spec.hf_names]
-            if spec.kind == VOCAB:
-                hf = [t[: cfg.vocab_size] for t in hf]  # an embedding padded in the HF file
-            state[spec.local_name(cfg, layout)] = shard(spec, hf, cfg, layout)[ctx.tp_rank].to(dtype)
-    finally:
-        weights.close()
-    return state
 
 
 # ---- rank functions (module level: spawned workers import them) ---------------------------------
 
-def rank_load(ctx, key: str, src: ModelSource, dtype: torch.dtype) -> None:
-    slot = worker_state().setdefault(_SLOT, {})
+def rank_load(ctx, key: str, src: Checkpoint, dtype: torch.dtype) -> None:
+    slot = process_state().setdefault(_SLOT, {})
     if key in slot:
         return
     slot.clear()  # one model per worker: a new checkpoint evicts the last
-    layout = Layout(ctx.dims.tp, ctx.dims.pp, src.divisible_by)
-    state = _local_state(ctx, src, layout, dtype)
-    slot[key] = load_stage(src.cfg, ctx, state, dtype=dtype, vocab_divisible_by=src.divisible_by)
+    layout = Layout(ctx.dims.tp, ctx.dims.pp, src.layout.divisible_by)
+    state = src.rank_state(layout, ctx.tp_rank, ctx.pp_rank, dtype)
+    slot[key] = load_stage(src.config, ctx, state, dtype=dtype, vocab_divisible_by=src.layout.divisible_by)
 
 
 def rank_unload(ctx, key: str) -> None:
-    worker_state().get(_SLOT, {}).pop(key, None)
+    process_state().get(_SLOT, {}).pop(key, None)
 
 
 def _stage(key: str):
     try:
-        return worker_state()[_SLOT][key]
+        return process_state()[_SLOT][key]
     except KeyError:
         raise RuntimeError(f"model {key} is not loaded on this worker (the pool was restarted?)") from None
 
@@ -156,13 +82,13 @@ def rank_generate_start(ctx, key: str, ids: torch.Tensor, lens: torch.Tensor, ma
     logits = pipeline_forward(stage, ctx, ids.to(dev), cache=cache)
     last = logits[torch.arange(B, device=dev), lens.to(dev) - 1] if logits is not None else None
     tok = _next_tokens(stage, ctx, last, B)
-    worker_state()[_SLOT + ".gen"] = {"cache": cache, "tok": tok, "pos": lens.to(dev).clone()}
+    process_state()[_SLOT + ".gen"] = {"cache": cache, "tok": tok, "pos": lens.to(dev).clone()}
     return rank_generate_more(ctx, key, steps - 1, first=tok)
 
 
 def rank_generate_more(ctx, key: str, steps: int, first: torch.Tensor | None = None):
     stage = _stage(key)
-    st = worker_state()[_SLOT + ".gen"]
+    st = process_state()[_SLOT + ".gen"]
     out = [first] if first is not None else []
     for _ in range(steps):
         logits = pipeline_forward(stage, ctx, st["tok"].unsqueeze(1), position_ids=st["pos"].unsqueeze(1),
@@ -174,7 +100,7 @@ def rank_generate_more(ctx, key: str, steps: int, first: torch.Tensor | None = N
 
 
 def rank_generate_end(ctx, key: str) -> None:
-    worker_state().pop(_SLOT + ".gen", None)
+    process_state().pop(_SLOT + ".gen", None)
 
 
 # ---- the controller side ------------------------------------------------------------------------
@@ -185,13 +111,13 @@ class ShardedModel:
 
     def __init__(self, path: str | Path, dtype: str | torch.dtype = "fp32", tp: int = 1, pp: int = 1,
                  pool: ProcessGroupPool | None = None, timeout_s: float = 900.0):
-        self.source = open_source(path)
-        self.cfg = self.source.cfg
+        self.source = open_checkpoint(path)
+        self.cfg = self.source.config
         self.dtype = parse_dtype(dtype)
         self.dims = ParallelDims(tp, pp)
         self.dims.check_model(self.cfg)
-        self.tokenizer = load_tokenizer_for(self.source)
-        self.key = f"{self.source.kind}:{self.source.directory}:{dtype_label(self.dtype)}:tp{tp}pp{pp}"
+        self.tokenizer = self.source.tokenizer()
+        self.key = f"{self.source.format}:{Path(self.source.directory).resolve()}:{dtype_name(self.dtype)}:tp{tp}pp{pp}"
         self._own_pool = pool is None
         self.pool = pool or ProcessGroupPool(self.dims.world_size, timeout_s=timeout_s)
         self.timeout_s = timeout_s

@@ -1,4 +1,7 @@
-"""All settings of the gateway and the workers: one pydantic-settings class (env prefix LLAMA_SVC_)."""
+"""All settings of the gateway and the workers: one pydantic-settings class (env prefix LLAMA_SVC_).
+
+Both sides read it: ``gateway.app`` at start-up and ``services.worker`` (and the job children it spawns).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ from urllib.parse import parse_qs, unquote, urlparse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.jobs.db import database_url
+from shared.db_url import database_url
+from shared.protocol.limits import MAX_PROMPTS
 
 LOCAL_DEV_KEY = "local-dev-key"
 # documented default object-store credentials (MinIO's root user, its older docs, AWS's doc example)
 DEFAULT_S3_CREDENTIALS = {("minioadmin", "minioadmin"), ("minio", "minio123"),
                           ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")}
-_ROOT = Path(__file__).resolve().parents[2]
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 def hash_key(key: str) -> str:
@@ -57,7 +61,7 @@ class Settings(BaseSettings):
     # team -> S3 prefixes its import jobs may copy from, e.g. {"team-a": ["s3://models/llama/"]}
     import_grants: dict[str, list[str]] = Field(default_factory=dict)
     max_train_world_size: int = Field(8, ge=1)   # the most ranks a train worker offers one finetune
-    max_prompts: int = 128
+    max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS)  # per request or job; the workers refuse more
     max_prompt_chars: int = 32_768
     max_new_tokens: int = 2048
     max_active_jobs_per_team: int = 16

@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL server for the tests (Debian's ``postgresql`` package).
+"""A throw-away PostgreSQL server for the tests and benchmarks (Debian's ``postgresql`` package).
 
 ``initdb`` refuses to run as root, so as root the server runs as the ``postgres`` system user on a
 temporary data directory it owns; it listens on 127.0.0.1 at a free port, with its unix socket in

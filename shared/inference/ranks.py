@@ -9,7 +9,9 @@ ids, length) without another message. Only the last stage's TP rank 0 returns th
 KV cache rows are contiguous views, never gathered: a decode step covers rows 0..hi-1 where
 hi is one past the highest live row (free or finished rows in between run a dummy token at
 position 0 of their own row, which nobody reads). How a step runs — fused ops, CUDA graphs,
-sampling on the device — is the rank's ``DecodePlan`` (``device_step``). On a GPU the cache
+sampling on the device — is the rank's ``DecodePlan`` (``device_step``); the kernels its stage
+runs (packed CPU products, native decode steps) are the ``ImplPlan`` applied after loading
+(``impls``). On a GPU the cache
 is sized from the memory left after the weights (``memory``) before it is allocated.
 """
 
@@ -20,20 +22,21 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 
-from shared.checkpoint.layout import Layout
 from shared.inference.device_step import DecodePlan, DeviceRows, to_host
+from shared.inference.impls import ImplPlan
 from shared.inference.memory import MemoryPlanError, explain, plan_cache
 from shared.inference.sampling import (BatchParams, next_top_p, penalize, penalize_batch, sample_batch, sample_row,
                                        top_alternatives)
 from shared.inference.source import ModelSource
-from shared.model import CacheRows, load_stage
-from shared.parallel.launcher import worker_state
+from shared.model import load_stage
+from shared.model.kv_cache import CacheRows
+from shared.parallel.launcher import process_state
+from shared.parallel.layout import Layout
 from shared.parallel.p2p import exchange
 from shared.parallel.pipeline import broadcast_from_last_stage, pipeline_forward
 from shared.parallel.state import ParallelContext
 
-__all__ = ["CacheRows", "DecodePlan", "Plan", "SamplingParams", "SlotOutput", "SlotSpec", "Worker"]
-
+__all__ = ["DecodePlan", "Plan", "SamplingParams", "SlotOutput", "SlotSpec", "RankEngine"]
 
 
 @dataclass(kw_only=True)
@@ -96,27 +99,6 @@ class SlotOutput:
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-def cpu_weight_layout(stage: torch.nn.Module) -> str:
-    """Store every fp32 matrix in the layout the CPU reads fastest; returns which.
-
-    A decode step is a matrix-vector product per weight and bound by reading the weights.
-    With the native kernels (``shared.kernels``) matrices become 8-column panels, streamed
-    once per step at memory speed; otherwise they are stored transposed (same values, shape
-    and names), which torch's kernel reads ~1.4x faster than row-major.
-    """
-    from shared import kernels
-
-    packed = kernels.available()
-    with torch.no_grad():
-        for p in stage.parameters():
-            if p.dim() == 2 and packed and kernels.packable(p):
-                p.requires_grad_(False)
-                p.data = kernels.pack(p.data)
-            elif p.dim() == 2:
-                p.data = p.data.t().contiguous().t()
-    return "packed" if packed else "column-major"
-
-
 class _Slot:
     def __init__(self, spec: SlotSpec, device):
         self.spec = spec
@@ -132,8 +114,8 @@ class _Slot:
         self.generated: list[int] = []
 
 
-class Worker:
-    """Per-rank engine state, kept in ``worker_state()`` between plans."""
+class RankEngine:
+    """Per-rank engine state, kept in ``process_state()`` between plans."""
 
     def __init__(self, ctx: ParallelContext, source: ModelSource, dtype: torch.dtype | None,
                  max_batch: int, max_seq: int, prefill_chunk: int, cuda_graphs: bool,
@@ -146,12 +128,9 @@ class Worker:
         state = source.local_state(layout, ctx.tp_rank, ctx.pp_rank, dtype)
         self.stage = load_stage(cfg, ctx, state, dtype=dtype, vocab_divisible_by=stored.divisible_by)
         del state
-        if ctx.device.type == "cpu" and not self.plan.compiled:
-            self.weight_layout = cpu_weight_layout(self.stage)
-        if self.plan.compiled:
-            from shared.model.ops import compiled_or_eager
-
-            self.stage.ops = compiled_or_eager(ctx.device, self.stage.dtype)
+        self.impls = ImplPlan.choose(ctx.device.type, self.stage.dtype, self.plan.compiled)
+        self.impls.apply(self.stage)
+        self.weight_layout = self.impls.weight_layout
         self.cfg = cfg
         self.max_seq, self.prefill_chunk = max_seq, prefill_chunk
         self.max_batch = self._cache_rows(max_batch)
@@ -405,15 +384,15 @@ class Worker:
 
 def load(ctx: ParallelContext, key: str, source: ModelSource, dtype: torch.dtype | None, max_batch: int,
          max_seq: int, prefill_chunk: int, cuda_graphs: bool, plan: DecodePlan | None = None) -> dict:
-    w = Worker(ctx, source, dtype, max_batch, max_seq, prefill_chunk, cuda_graphs, plan)
-    worker_state()[key] = w
+    w = RankEngine(ctx, source, dtype, max_batch, max_seq, prefill_chunk, cuda_graphs, plan)
+    process_state()[key] = w
     return {"rank": ctx.rank, "dtype": str(w.stage.dtype), "device": str(ctx.device), "max_batch": w.max_batch,
             "cache_bytes": w.cache.k.numel() * w.cache.k.element_size() * 2,
             "graphs": len(w.graphs.graphs) if w.graphs is not None else 0, "plan": w.plan, "ops": w.stage.ops.name}
 
 
 def run_plan(ctx: ParallelContext, key: str, plan: Plan) -> dict[int, SlotOutput] | None:
-    w = worker_state().get(key)
+    w = process_state().get(key)
     if w is None:
         raise RuntimeError("no model is loaded on this rank; call load first")
     with torch.no_grad():
@@ -422,11 +401,11 @@ def run_plan(ctx: ParallelContext, key: str, plan: Plan) -> dict[int, SlotOutput
 
 def reset(ctx: ParallelContext, key: str) -> bool:
     """Forget every sequence (after a failed plan); the weights stay. False if none are loaded."""
-    w = worker_state().get(key)
+    w = process_state().get(key)
     if w is not None:
         w.slots.clear()
     return w is not None
 
 
 def unload(ctx: ParallelContext, key: str) -> None:
-    worker_state().pop(key, None)
+    process_state().pop(key, None)

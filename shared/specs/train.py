@@ -16,47 +16,61 @@ class ConfigError(ValueError):
     """A training option that cannot work; the message names the flag and the fix."""
 
 
+IO, TRAIN, PARALLEL, LOG, LORA = ("checkpoints and data", "training", "parallelism",
+                                  "checkpointing, evaluation and logging", "LoRA")
+
+
+def _opt(default: Any = dataclasses.MISSING, group: str = TRAIN, **meta: Any) -> Any:
+    """A field with its command-line description (``shared.cli.add_dataclass_arguments``)."""
+    return dataclasses.field(default=default, metadata={"group": group, **meta})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    load: str                                 # native checkpoint, HF dir, or a training run / iteration dir
-    save: str                                 # run directory (training checkpoints, final exports)
-    data_path: tuple[str, ...]                # JSONL files
-    train_iters: int
-    micro_batch_size: int = 1
-    global_batch_size: int = 1
-    seq_length: int = 512
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None         # default: train_iters
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0                    # 0 disables clipping
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    seed: int = 1234
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    world_size: int | None = None             # default: TP * PP (data parallel 1)
-    bf16: bool = False
-    save_interval: int | None = None
-    eval_interval: int | None = None
-    eval_iters: int = 10
-    valid_data_path: tuple[str, ...] = ()     # default: hold out ``valid_fraction`` of the samples
-    valid_fraction: float = 0.0
-    overlong: str = "truncate"
-    recompute_activations: bool = False
-    metrics_file: str | None = None
-    finetune: bool = False                    # from a training checkpoint: weights only, iteration 0
-    exit_interval: int | None = None          # stop (after saving) once this iteration is reached
-    finetune_method: str = "full"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    export_hf: bool = True
-    make_vocab_size_divisible_by: int = 128
+    load: str = _opt(group=IO, help="native checkpoint, HF model dir, or a run dir to resume")
+    save: str = _opt(group=IO, help="run directory (checkpoints, release/, hf/, lora/)")
+    data_path: tuple[str, ...] = _opt(group=IO, metavar="FILE", help="JSONL training files")
+    train_iters: int = _opt()
+    micro_batch_size: int = _opt(1)
+    global_batch_size: int = _opt(1, cli_default=None, help="default: micro batch x data parallel")
+    seq_length: int = _opt(512)
+    lr: float = _opt(1e-5)
+    min_lr: float = _opt(0.0)
+    lr_warmup_iters: int = _opt(0)
+    lr_decay_iters: int | None = _opt(None, help="default: --train-iters")
+    lr_decay_style: str = _opt("cosine", choices=DECAY_STYLES)
+    weight_decay: float = _opt(0.0)
+    clip_grad: float = _opt(1.0, help="global gradient norm limit (0: off)")
+    adam_beta1: float = _opt(0.9)
+    adam_beta2: float = _opt(0.999)
+    adam_eps: float = _opt(1e-8)
+    seed: int = _opt(1234)
+    tensor_model_parallel_size: int = _opt(1, PARALLEL)
+    pipeline_model_parallel_size: int = _opt(1, PARALLEL)
+    world_size: int | None = _opt(None, PARALLEL, help=(
+        "processes to start (data parallel = world / (TP x PP)); default: TP x PP on CPU, all of the worker's "
+        "GPUs (LLAMA_SVC_DEVICES, else every visible one; rounded down to a multiple of TP x PP) on GPU, one "
+        "process per GPU"))
+    bf16: bool = _opt(False, help="bf16 weights and activations, fp32 master weights")
+    save_interval: int | None = _opt(None, LOG)
+    eval_interval: int | None = _opt(None, LOG)
+    eval_iters: int = _opt(10, LOG)
+    valid_data_path: tuple[str, ...] = _opt((), IO, metavar="FILE", help=(
+        "JSONL validation files (none: --valid-fraction holds samples out)"))
+    valid_fraction: float = _opt(0.0, IO, help="without --valid-data-path: hold out this fraction of the samples")
+    overlong: str = _opt("truncate", IO, choices=OVERLONG, help="samples longer than a sequence")
+    recompute_activations: bool = _opt(False)
+    metrics_file: str | None = _opt(None, LOG, help="JSONL: one line per iteration and evaluation")
+    finetune: bool = _opt(False, IO, help="from a training checkpoint: load the weights only (new optimizer, "
+                                          "iteration 0)")
+    exit_interval: int | None = _opt(None, LOG, help="save and stop at this iteration")
+    finetune_method: str = _opt("full", LORA, choices=FINETUNE_METHODS)
+    lora_rank: int = _opt(8, LORA)
+    lora_alpha: float = _opt(16.0, LORA)
+    lora_dropout: float = _opt(0.0, LORA)
+    lora_targets: tuple[str, ...] = _opt(LORA_TARGETS, LORA, choices=LORA_TARGETS)
+    export_hf: bool = _opt(True, IO, help="skip the HF export")
+    make_vocab_size_divisible_by: int = _opt(128, IO)
 
     def __post_init__(self) -> None:
         for name in ("data_path", "valid_data_path", "lora_targets"):
