@@ -103,18 +103,35 @@ def main(argv: list[str] | None = None) -> int:
         from services.generate import eval as bench_eval
 
         return bench_eval.main(argv[1:])
+    p = _parser()
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m services.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="also: eval (see `eval --help`)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_serve_args, _reference_args, _compare_args, _parity_args):
+        add(sub)
+    return p
 
-    def layout(sp):
-        sp.add_argument("--tensor-parallel-size", type=int, default=None, help="default: the checkpoint's")
-        sp.add_argument("--pipeline-parallel-size", type=int, default=None, help="default: the checkpoint's")
-        sp.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per sequence (default 2048)")
 
+def _layout_args(sp) -> None:
+    sp.add_argument("--tensor-parallel-size", type=int, default=None, help="default: the checkpoint's")
+    sp.add_argument("--pipeline-parallel-size", type=int, default=None, help="default: the checkpoint's")
+    sp.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per sequence (default 2048)")
+
+
+def _serve_args(sub) -> None:
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP")
-    s.add_argument("--load", required=True, help="a converted checkpoint (manifest.json) or an HF model dir")
+    s.add_argument("--load", required=True, help="a checkpoint: converted (manifest.json), HF, Meta, Megatron-LM, "
+                   "or a training run's --save directory (its latest iteration)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     s.add_argument("--port", type=int, default=5000, help="port to listen on (default: %(default)s)")
     s.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
@@ -126,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the checkpoint's)")
     s.add_argument("--threads", type=int, default=1,
                    help="CPU threads per rank (default: %(default)s; more helps only on otherwise idle cores)")
-    layout(s)
+    _layout_args(s)
     s.set_defaults(fn=_serve)
 
+
+def _reference_args(sub) -> None:
     r = sub.add_parser("reference", help="HF transformers greedy generation (the parity reference)")
     r.add_argument("--model-path", required=True, help="an HF model directory")
     r.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -136,17 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32)")
     r.set_defaults(fn=_reference)
 
+
+def _compare_args(sub) -> None:
     c = sub.add_parser("compare", help="greedy engine vs HF on the same prompts; exit 1 on divergence")
-    c.add_argument("--load", required=True, help="our checkpoint (manifest.json) or an HF model dir")
+    c.add_argument("--load", required=True,
+                   help="a checkpoint: converted, HF, Meta, Megatron-LM, or a training run directory")
     c.add_argument("--model-path", required=True, help="the HF model directory to compare against")
     c.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     c.add_argument("--tokens-to-generate", type=int, default=32, help="new tokens (default: %(default)s)")
     c.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16, both sides (default: the checkpoint's)")
-    layout(c)
+    _layout_args(c)
     c.set_defaults(fn=_compare)
 
+
+def _parity_args(sub) -> None:
     q = sub.add_parser("parity", help="the parity report of a checkpoint against its source; exit 1 on failure")
-    q.add_argument("--load", required=True, help="our checkpoint (manifest.json), Megatron-LM's torch layout or HF")
+    q.add_argument("--load", required=True,
+                   help="a checkpoint: converted, HF, Meta, Megatron-LM, or a training run directory")
     q.add_argument("--model-path", required=True, help="the HF or Meta directory it was converted from")
     q.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="compute dtype of both sides; bf16 has its own tolerance (default: %(default)s)")
@@ -154,13 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="greedy tokens per prompt (default: 4 where re-reading the weights per token is cheap)")
     q.add_argument("--output", default=None, help="a directory to write parity.json and parity.txt into")
     q.set_defaults(fn=_parity)
-
-    a = p.parse_args(argv)
-    try:
-        return a.fn(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ D = EvalParams()  # the defaults, declared once
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--load", required=True, help="our checkpoint: a native checkpoint dir (or an HF dir)")
+    p.add_argument("--load", required=True, help="our checkpoint: converted, HF, Meta, Megatron-LM, or a training run directory")
     p.add_argument("--reference", required=True, help="the HF model directory to compare against")
     p.add_argument("--tasks", default=",".join(D.tasks),
                    help="comma-separated bundled names, JSONL paths or YAML task names")

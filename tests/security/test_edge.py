@@ -22,7 +22,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from gateway.api.deps import model_positions
+from gateway.core.manifests import model_positions
 from shared.settings import LOCAL_DEV_KEY, Settings, hash_key
 from services.stack import free_port
 from tests.services.conftest import client, dump_logs, start_stack, wait_for

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from services.stack import ROOT, LocalStack, free_port
-from tests.services.conftest import FAST, KEYS, client, dump_logs
+from tests.services.conftest import FAST, KEYS, client, dump_logs, wait_for
 
 AUTH = ("monitor", "flower-test-password")
-
-
-def _until(what: str, fn, timeout: float = 60.0, poll: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -71,8 +60,8 @@ def _get(url: str):
 
 def test_a_job_task_is_seen_by_flower(stack, flower, tiny_hf):
     # Flower's event state has a live worker: its receiver is subscribed, later events all arrive
-    alive = _until("Flower to see a worker heartbeat",
-                   lambda: {n: a for n, a in (_get(flower + "/api/workers?status=true") or {}).items() if a})
+    alive = wait_for(lambda: {n: a for n, a in (_get(flower + "/api/workers?status=true") or {}).items() if a},
+                     timeout=60, what="Flower to see a worker heartbeat", poll=0.25)
     assert any(n.startswith("worker-convert-") for n in alive), alive
     c = client(stack)
     c.upload_checkpoint("tiny", tiny_hf)
@@ -83,6 +72,6 @@ def test_a_job_task_is_seen_by_flower(stack, flower, tiny_hf):
         tasks = _get(flower + "/api/tasks") or {}
         return [t for tid, t in tasks.items() if tid.startswith(job["id"] + ".") and t.get("state") == "SUCCESS"]
 
-    (task,) = _until("Flower to list the job's task as SUCCESS", done, timeout=30)
+    (task,) = wait_for(done, timeout=30, what="Flower to list the job's task as SUCCESS", poll=0.25)
     assert task["runtime"] is not None and task["runtime"] > 0
     assert task["worker"].startswith("worker-convert-") and task["received"] and task["started"]

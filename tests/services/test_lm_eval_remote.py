@@ -6,6 +6,8 @@ lm-eval's ``hf`` model generates greedily with the same chat template."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from services.generate.runtime import GenerationRuntime
@@ -58,16 +60,23 @@ def _same(got, want):
         assert all(abs(g - w) < 1e-4 for (g, _), (w, _) in zip(g_item, w_item)), (g_item, w_item)
 
 
-def test_local_completions_on_the_standalone_server(weights, tasks, reference):
-    hf, native = weights
+@contextlib.contextmanager
+def _standalone(native):
+    """The standalone server on ``native``; yields its URL."""
     rt = GenerationRuntime(native, max_batch=8, max_queue=64, max_seq_len=256, steps_per_plan=4)
     served = Served(rt)
     try:
         served.wait_ready()
-        _same(_evaluate("local-completions", _local(served.url, "tiny-native", hf), tasks), reference)
+        yield served.url
     finally:
         served.stop()
         rt.close()
+
+
+def test_local_completions_on_the_standalone_server(weights, tasks, reference):
+    hf, native = weights
+    with _standalone(native) as url:
+        _same(_evaluate("local-completions", _local(url, "tiny-native", hf), tasks), reference)
 
 
 def test_local_completions_through_the_gateway(request, tmp_path_factory, weights, tasks, reference, monkeypatch):
@@ -143,15 +152,8 @@ def _same_generations(got, want):
 
 def test_local_chat_completions_on_the_standalone_server(weights, gen_tasks, gen_reference):
     _, native = weights
-    rt = GenerationRuntime(native, max_batch=8, max_queue=64, max_seq_len=256, steps_per_plan=4)
-    served = Served(rt)
-    try:
-        served.wait_ready()
-        _same_generations(_generate("local-chat-completions", _chat(served.url, "tiny-native"), gen_tasks),
-                          gen_reference)
-    finally:
-        served.stop()
-        rt.close()
+    with _standalone(native) as url:
+        _same_generations(_generate("local-chat-completions", _chat(url, "tiny-native"), gen_tasks), gen_reference)
 
 
 def test_local_chat_completions_through_the_gateway(request, tmp_path_factory, weights, gen_tasks, gen_reference,
