@@ -269,9 +269,10 @@ def open_checkpoint(path: str | Path, *, iteration: int | str | None = None,
     accepts (another is refused with a hint). ``tokenizer``: a tokenizer to use instead of the
     stored one (a Meta checkpoint takes BOS/EOS from it). ``true_vocab_size``: of a Megatron-LM
     checkpoint whose args lack it. ``allow_lora_base``: open a LoRA run's training iteration
-    (its model files are the frozen base weights, for resuming); otherwise refused.
+    (its model files are the frozen base weights, for resuming); otherwise a finished LoRA run
+    opens as its merged ``release`` and a training iteration of one asked for is refused.
     """
-    name = str(path)
+    name, asked = str(path), iteration
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {name} does not exist or is not a directory; pass the directory that "
@@ -292,6 +293,9 @@ def open_checkpoint(path: str | Path, *, iteration: int | str | None = None,
         ckpt = _OPEN[fmt](d, name, tokenizer=tokenizer, true_vocab_size=true_vocab_size)
         if fmt == "native" and (d / run_dir.STATE).is_file():  # a training iteration named directly
             ckpt = dataclasses.replace(ckpt, state=_json_file(d / run_dir.STATE))
+    if ckpt.lora_base and not allow_lora_base and asked is None and ckpt.run is not None \
+            and (d / run_dir.RELEASE / MANIFEST).is_file():
+        return _open_run(d, name, run_dir.RELEASE, tokenizer)  # a finished LoRA run: its merged model
     if ckpt.lora_base and not allow_lora_base:
         raise CheckpointError(
             f"{name}: this iteration of a LoRA run holds only the frozen base weights (the adapters are in its "

@@ -146,6 +146,27 @@ def test_a_training_run_directory_is_a_checkpoint(make_hf_checkpoint, tmp_path, 
     assert served == _prompt_logprobs(latest) == _prompt_logprobs(out / "release")
 
 
+def test_a_lora_run_opens_as_its_merged_release(make_hf_checkpoint, tmp_path, dist_pool):
+    from shared.training import TrainConfig, train
+    from tests.training.conftest import license_paragraphs, write_jsonl
+
+    base = tmp_path / "base"
+    run(make_hf_checkpoint("llama3"), base, validate=False)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": p} for p in license_paragraphs(20_000)[:40]])
+    out = tmp_path / "OUT"
+    train(TrainConfig(load=str(base), save=str(out), data_path=(str(data),), train_iters=2, micro_batch_size=2,
+                      global_batch_size=2, seq_length=64, lr=1e-2, save_interval=1, finetune_method="lora"),
+          pool=dist_pool)
+    merged = open_checkpoint(out)  # the iterations hold the frozen base: the run opens as its merged model
+    assert (merged.directory, merged.iteration) == (str(out / "release"), "release")
+    assert_rank_states_match(merged, out / "release", merged.layout)
+    assert any(not torch.equal(a, b) for a, b in zip(merged.rank_state(Layout(), 0, 0).values(),
+                                                     native.load_rank_state_dict(base, 0, 0).values()))
+    with pytest.raises(CheckpointError, match="frozen base weights.*'release'"):
+        open_checkpoint(out, iteration=2)
+    resume = open_checkpoint(out, allow_lora_base=True)  # what resuming the run opens
+    assert resume.iteration == 2 and resume.lora_base
+
 def test_hostile_trackers_are_refused(tmp_path):
     for text, match in (("../../x", "not an iteration number"), ("9" * 40, "beyond any saved iteration"),
                         ("-1", "not an iteration number"), ("", "not an iteration number")):

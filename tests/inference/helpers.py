@@ -48,3 +48,19 @@ def tiny_native_dir(root: Path) -> Path:
                      generation_config=json.loads((hf / "generation_config.json").read_text()),
                      tokenizer={"dir": "tokenizer"})
     return out
+
+
+def megatron_cli(url: str, prompt: str, tokens_to_generate: int, headers: dict | None = None,
+                 **fields) -> tuple[int, str]:
+    """One round of Megatron-LM's text-generation client (``tools/text_generation_cli.py``), as it
+    talks to a server: ``requests.put`` of ``json.dumps`` of the body with a JSON content type; a
+    200 shows ``response.json()['text'][0]``, anything else ``response.json()['message']`` (a body
+    without ``message`` makes it crash, here a KeyError)."""
+    import requests
+
+    data = {"prompts": [prompt], "tokens_to_generate": tokens_to_generate, **fields}
+    response = requests.put(url, data=json.dumps(data),
+                            headers={"Content-Type": "application/json", **(headers or {})}, timeout=120)
+    if response.status_code != 200:
+        return response.status_code, response.json()["message"]
+    return response.status_code, response.json()["text"][0]

@@ -14,7 +14,7 @@ import uvicorn
 from services.generate.runtime import GenerationRuntime
 from services.generate.server import create_app
 from shared.parallel.launcher import free_port
-from tests.inference.helpers import tiny_native_dir
+from tests.inference.helpers import megatron_cli, tiny_native_dir
 
 
 class Served:
@@ -146,6 +146,14 @@ def test_api_validation_errors(served, body, status, message):
     assert r.status_code == status
     assert message in r.json()["message"]
 
+
+def test_megatron_client_success_and_error_paths(served):
+    status, text = megatron_cli(served.url + "/api", "Hello there", 5)
+    assert status == 200 and text.startswith("Hello there") and len(text) > len("Hello there")
+    status, message = megatron_cli(served.url + "/api", "Hello there", -1)
+    assert status == 400 and message == "tokens_to_generate must be an integer greater than or equal to 0"
+    status, message = megatron_cli(served.url + "/api", "Hello there", 4, top_k=5, top_p=0.5)
+    assert status == 400 and message == "cannot set both top-k and top-p samplings."
 
 def test_api_body_not_json(served):
     r = served.client.put("/api", content=b"{nope", headers={"content-type": "application/json"})

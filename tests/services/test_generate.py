@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.inference.helpers import megatron_cli
 from tests.services.conftest import client, dump_logs, start_stack, wait_state
 from shared.samples import make_hf_checkpoint
 
@@ -105,6 +106,18 @@ def test_openai_and_errors(stack):
     r = a.http.put("/api", json={"model": "tiny", "prompts": ["x " * 300], "tokens_to_generate": 8})
     assert r.status_code == 400 and "shorten" in r.json()["detail"]
 
+
+def test_megatron_client_through_the_gateway(stack, tiny_hf):
+    """Megatron's client with a Bearer key and the model's name: the same answers and error bodies."""
+    url, auth = stack.url + "/api", {"Authorization": "Bearer key-team-a"}
+    status, text = megatron_cli(url, "hello world", 6, auth, model="tiny", top_k=1)
+    assert status == 200 and text == hf_greedy(tiny_hf, "hello world", 6)
+    status, message = megatron_cli(url, "hello world", 4, auth, model="tiny", top_k=5, top_p=0.5)
+    assert status == 422 and "top-k and top-p" in message
+    status, message = megatron_cli(url, "hello world", 4, auth, model="missing")
+    assert status == 404 and "missing" in message
+    status, message = megatron_cli(url, "hello world", 4, {"Authorization": "Bearer wrong"}, model="tiny")
+    assert status == 401 and message
 
 def test_batch_generate_job(stack, tiny_hf):
     a = client(stack)
