@@ -110,7 +110,7 @@ class Check:
         if self.engine is None:
             from shared.inference.device_step import DecodePlan
             from shared.inference.engine import Engine
-            from shared.inference.source import ModelSource
+            from shared.checkpoint.opener import Checkpoint
 
             shape = TINY if self.tiny else LLAMA3_8B
             (self.tmp / "config.json").write_text(json.dumps(hf_config(shape)))
@@ -118,7 +118,7 @@ class Check:
             t = time.perf_counter()
             self.engine = Engine(self.tmp, dtype="bf16" if self.cuda else "fp32", max_batch=16,
                                  max_seq_len=128 if self.tiny else 1024, in_process=True, decode_plan=plan,
-                                 source=ModelSource.random(self.tmp / "config.json"))
+                                 source=Checkpoint.random(self.tmp / "config.json"))
             self.engine.eos_ids = ()
             self.results["engine_load_s"] = time.perf_counter() - t
         return self.engine

@@ -82,6 +82,11 @@ class Checkpoint:
         return self.name or Path(self.directory).name
 
     @property
+    def served_name(self) -> str:
+        """The name a server reports for it by default: the run's directory, else the checkpoint's."""
+        return Path(self.run or self.directory).resolve().name
+
+    @property
     def lora_base(self) -> bool:
         """A LoRA run's training iteration: its model files are the frozen base weights."""
         return bool(self.state) and self.state.get("config", {}).get("finetune_method") == "lora"

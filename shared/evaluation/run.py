@@ -72,16 +72,10 @@ def _writable(out: Path) -> None:
         raise ValueError(f"cannot write the reports to {out} ({e.strerror}); pass --output DIR") from None
 
 
-def _layout(params: EvalParams, source_dir: Path) -> tuple[int, int]:
+def _layout(params: EvalParams, stored) -> tuple[int, int]:
     """TP and PP: the given ones, else the checkpoint's stored layout."""
     tp, pp = params.tensor_parallel_size, params.pipeline_parallel_size
-    if tp is None or pp is None:
-        from shared.checkpoint.opener import open_checkpoint
-
-        stored = open_checkpoint(source_dir).layout
-        tp = tp if tp is not None else (stored.tp if stored else 1)
-        pp = pp if pp is not None else (stored.pp if stored else 1)
-    return tp, pp
+    return (tp if tp is not None else stored.tp), (pp if pp is not None else stored.pp)
 
 
 def _prepare(params: EvalParams, source_dir: Path, reference_dir: Path, out_dir: Path):
@@ -93,7 +87,7 @@ def _prepare(params: EvalParams, source_dir: Path, reference_dir: Path, out_dir:
     from shared.parallel.dims import ParallelDims
 
     source = open_checkpoint(source_dir)
-    dims = ParallelDims(*_layout(params, source_dir))
+    dims = ParallelDims(*_layout(params, source.layout))
     dims.check_model(source.config)
     if not (reference_dir / "config.json").exists():
         raise ValueError(f"--reference {reference_dir} is not an HF model directory (no config.json)")

@@ -7,8 +7,7 @@ threads onto it; ``TextTracker`` turns ids into text with stop strings.
 from shared.inference.engine import Engine, EngineInfo, LengthError
 from shared.inference.scheduler import (Delta, GenerationFailed, Overloaded, Scheduler, SeqRequest, SeqResult,
                                         Sequence)
-from shared.inference.source import ModelSource, SourceError
 from shared.inference.stop import TextTracker
 
-__all__ = ["Delta", "Engine", "EngineInfo", "GenerationFailed", "LengthError", "ModelSource", "Overloaded",
-           "Scheduler", "SeqRequest", "SeqResult", "Sequence", "SourceError", "TextTracker"]
+__all__ = ["Delta", "Engine", "EngineInfo", "GenerationFailed", "LengthError", "Overloaded",
+           "Scheduler", "SeqRequest", "SeqResult", "Sequence", "TextTracker"]

@@ -23,9 +23,9 @@ from typing import Sequence
 
 import torch
 
+from shared.checkpoint.opener import Checkpoint, open_checkpoint
 from shared.inference import ranks
 from shared.inference.device_step import DecodePlan
-from shared.inference.source import ModelSource, SourceError
 from shared.dtypes import parse_dtype
 from shared.parallel.devices import assign_devices, visible_devices
 from shared.parallel.dims import ParallelDims
@@ -65,22 +65,22 @@ class Engine:
                  pipeline_parallel_size: int | None = None, dtype: str | torch.dtype | None = None,
                  max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
                  in_process: bool | None = None, threads: int = 1, cuda_graphs: bool = True,
-                 timeout_s: float = 600.0, pool=None, source: ModelSource | None = None,
+                 timeout_s: float = 600.0, pool=None, source: Checkpoint | None = None,
                  devices=None, decode_plan: DecodePlan | None = None):
         """``pool``: an existing process pool (anything with ``run(dims, fn, *args)``) to load
         into instead of starting one; it is left running on ``close``. ``devices``: the CUDA
         ordinals of this engine's ranks (default: the visible ones from 0). ``decode_plan``:
         how the ranks run a step (default: ``DecodePlan.for_device``)."""
-        self.source = source or ModelSource.open(load)
-        self.cfg = self.source.config()
-        stored = self.source.stored_layout()
+        self.source = source or open_checkpoint(load)
+        self.cfg = self.source.config
+        stored = self.source.layout
         tp = tensor_parallel_size or stored.tp
         pp = pipeline_parallel_size or stored.pp
         self.dims = ParallelDims(tp=tp, pp=pp)
         self.dims.check_model(self.cfg)
         self.tokenizer = self.source.tokenizer()
         self.eos_ids = self.source.eos_ids(self.tokenizer)
-        self.dtype = parse_dtype(dtype) or self.source.stored_dtype()
+        self.dtype = parse_dtype(dtype) or self.source.dtype
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
@@ -110,7 +110,7 @@ class Engine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(self.source.name(), self.dims.tp, self.dims.pp, str(self.dtype).replace("torch.", ""),
+        return EngineInfo(self.source.served_name, self.dims.tp, self.dims.pp, str(self.dtype).replace("torch.", ""),
                           self.device, self.max_batch, self.max_seq)
 
     @property
@@ -139,7 +139,8 @@ class Engine:
         fits = min(r["max_batch"] for r in self.loaded)
         if fits < self.max_batch:
             log.warning("%s: the KV cache holds %d sequences of %d tokens in the GPU memory left after the weights; "
-                        "max batch reduced from %d to %d", self.source.name(), fits, self.max_seq, self.max_batch, fits)
+                        "max batch reduced from %d to %d", self.source.served_name, fits, self.max_seq, self.max_batch,
+                        fits)
             self.max_batch = fits
 
     def local_rank_engine(self) -> ranks.RankEngine:
@@ -249,4 +250,4 @@ class Engine:
         return outs
 
 
-__all__ = ["Engine", "EngineInfo", "LengthError", "SourceError", "parse_dtype", "special_token_ids"]
+__all__ = ["Engine", "EngineInfo", "LengthError", "parse_dtype", "special_token_ids"]

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 
+from shared.checkpoint.opener import Checkpoint
 from shared.inference.device_step import DecodePlan, DeviceRows, to_host
 from shared.inference.impls import ImplPlan
 from shared.inference.memory import MemoryPlanError, explain, plan_cache
 from shared.inference.sampling import (BatchParams, next_top_p, penalize, penalize_batch, sample_batch, sample_row,
                                        top_alternatives)
-from shared.inference.source import ModelSource
 from shared.model import load_stage
 from shared.model.kv_cache import CacheRows
 from shared.parallel.launcher import process_state
@@ -117,15 +117,15 @@ class _Slot:
 class RankEngine:
     """Per-rank engine state, kept in ``process_state()`` between plans."""
 
-    def __init__(self, ctx: ParallelContext, source: ModelSource, dtype: torch.dtype | None,
+    def __init__(self, ctx: ParallelContext, source: Checkpoint, dtype: torch.dtype | None,
                  max_batch: int, max_seq: int, prefill_chunk: int, cuda_graphs: bool,
                  plan: DecodePlan | None = None):
         self.ctx = ctx
         self.plan = plan or DecodePlan.for_device(ctx.device.type, cuda_graphs)
-        cfg = source.config()
-        stored = source.stored_layout()
+        cfg = source.config
+        stored = source.layout
         layout = Layout(ctx.dims.tp, ctx.dims.pp, stored.divisible_by)
-        state = source.local_state(layout, ctx.tp_rank, ctx.pp_rank, dtype)
+        state = source.rank_state(layout, ctx.tp_rank, ctx.pp_rank, dtype)
         self.stage = load_stage(cfg, ctx, state, dtype=dtype, vocab_divisible_by=stored.divisible_by)
         del state
         self.impls = ImplPlan.choose(ctx.device.type, self.stage.dtype, self.plan.compiled)
@@ -382,7 +382,7 @@ class RankEngine:
 # A process may hold several engines' models (e.g. two small models in one generate worker):
 # each engine's state lives under its own key.
 
-def load(ctx: ParallelContext, key: str, source: ModelSource, dtype: torch.dtype | None, max_batch: int,
+def load(ctx: ParallelContext, key: str, source: Checkpoint, dtype: torch.dtype | None, max_batch: int,
          max_seq: int, prefill_chunk: int, cuda_graphs: bool, plan: DecodePlan | None = None) -> dict:
     w = RankEngine(ctx, source, dtype, max_batch, max_seq, prefill_chunk, cuda_graphs, plan)
     process_state()[key] = w
