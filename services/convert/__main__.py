@@ -39,8 +39,7 @@ exit status: 0 success, 2 bad input (one line on stderr saying what to fix), 130
 def _options() -> dict[str, dict]:
     """Megatron-LM's flag spellings and help for the ``ConvertOptions`` fields (their defaults and
     types come from the dataclass)."""
-    from shared.checkpoint import megatron_lm
-    from shared.checkpoint.convert import CHECKPOINT_TYPES, CKPT_FORMATS, LOADERS, SAVERS
+    from shared.specs.convert import CHECKPOINT_TYPES, CKPT_FORMATS, LOADERS, SAVERS, TRANSFORMER_IMPLS, VALIDATE_DTYPES
 
     return {
         "loader": dict(choices=LOADERS, help="llama_mistral: an HF or Meta Llama/Mistral checkpoint (see "
@@ -69,13 +68,13 @@ def _options() -> dict[str, dict]:
         "ckpt_format": dict(choices=CKPT_FORMATS, help="native: per-rank safetensors + manifest (loads in this "
                             "project's services); torch: Megatron-LM's iter_0000001/mp_rank_*/model_optim_rng.pt "
                             "layout (default: %(default)s)"),
-        "transformer_impl": dict(flag="--saver-transformer-impl", choices=megatron_lm.IMPLS, help="parameter names "
+        "transformer_impl": dict(flag="--saver-transformer-impl", choices=TRANSFORMER_IMPLS, help="parameter names "
                                  "for --ckpt-format torch: megatron-core's local layer spec or the Transformer "
                                  "Engine spec (norms fused into the linears); same weights (default: %(default)s)"),
         "validate": dict(help="skip the parity report (logits, log-probs, top-1 tokens and every layer's hidden "
                          "states against HF transformers on the source weights, run layer by layer at the target "
                          "TP/PP in bounded memory), which otherwise runs for every conversion"),
-        "validate_dtype": dict(choices=("fp32", "bf16"), help="compute dtype of the parity report; bf16 has its "
+        "validate_dtype": dict(choices=VALIDATE_DTYPES, help="compute dtype of the parity report; bf16 has its "
                                "own, looser tolerance (default: %(default)s)"),
         "overwrite": dict(help="replace a non-empty --save-dir; the old contents stay until the new checkpoint is "
                           "complete"),
@@ -84,7 +83,7 @@ def _options() -> dict[str, dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.checkpoint.convert import ConvertOptions
+    from shared.specs.convert import ConvertOptions
 
     p = argparse.ArgumentParser(
         prog="python -m services.convert", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -39,36 +39,10 @@ from shared.files import sha256_file
 from shared import tokenizer as tok
 from shared.files import Stopped, keep_freed_memory, lower_thread_priority, usable_cpus
 
+from shared.specs.convert import (CHECKPOINT_TYPES, CKPT_FORMATS, LOADERS, SAVERS, TRANSFORMER_IMPLS,
+                                  VALIDATE_DTYPES, ConvertOptions)
+
 __all__ = ["ConvertOptions", "Progress", "Cancelled", "convert"]
-
-LOADERS = ("llama_mistral", "mcore")
-CHECKPOINT_TYPES = ("hf", "meta")
-SAVERS = ("mcore", "megatron", "hf")
-CKPT_FORMATS = ("native", "torch")
-
-
-@dataclass
-class ConvertOptions:
-    load_dir: Path
-    save_dir: Path
-    loader: str = "llama_mistral"        # llama_mistral (HF or Meta source) | mcore (native or Megatron-LM torch layout)
-    checkpoint_type: str = "hf"          # hf | meta  (for llama_mistral)
-    saver: str = "mcore"                 # mcore | megatron | hf
-    ckpt_format: str = "native"          # native | torch
-    target_tp: int = 1
-    target_pp: int = 1
-    dtype: str | None = None             # bf16|fp16|fp32; None = the source's dtype
-    tokenizer_model: Path | None = None
-    model_size: str | None = None        # preset cross-check
-    make_vocab_size_divisible_by: int = 128
-    true_vocab_size: int | None = None
-    validate: bool = True
-    validate_dtype: str = "fp32"         # compute dtype of the parity check: fp32 | bf16
-    overwrite: bool = False
-    transformer_impl: str = "local"
-    command: str | None = None           # recorded in the provenance (the CLI passes its argv)
-    source_label: str | None = None      # recorded instead of host paths (a service names its checkpoint)
-
 
 class Cancelled(Exception):
     """The conversion was cancelled by ``should_cancel``; nothing was written."""
@@ -96,8 +70,8 @@ def _check_options(o: ConvertOptions) -> None:
     _choice("--checkpoint-type", o.checkpoint_type, CHECKPOINT_TYPES)
     _choice("--saver", o.saver, SAVERS)
     _choice("--ckpt-format", o.ckpt_format, CKPT_FORMATS)
-    _choice("--saver-transformer-impl", o.transformer_impl, megatron_lm.IMPLS)
-    _choice("--validate-dtype", o.validate_dtype, ("fp32", "bf16"))
+    _choice("--saver-transformer-impl", o.transformer_impl, TRANSFORMER_IMPLS)
+    _choice("--validate-dtype", o.validate_dtype, VALIDATE_DTYPES)
     try:
         parse_dtype(o.dtype)
     except ValueError as e:

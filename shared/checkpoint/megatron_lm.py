@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from shared.specs.convert import TRANSFORMER_IMPLS
 from shared.config import ModelConfig, RopeScaling
 from shared.checkpoint import layout as param_layout
 from shared.checkpoint.layout import Layout
@@ -31,7 +32,6 @@ from shared.paths import UnsafePath, contained
 TRACKER = LATEST
 CHECKPOINT_VERSION = 3.0
 ITERATION = 1
-IMPLS = ("local", "transformer_engine")
 _LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 # TE fuses each pre-norm into the linear after it
 _TE_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -72,8 +72,8 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, transfor
 
 def to_megatron_names(local: dict[str, torch.Tensor], transformer_impl: str) -> dict[str, Any]:
     """Our local names -> the names megatron-core's GPTModel uses, with ``_extra_state`` entries."""
-    if transformer_impl not in IMPLS:
-        raise CheckpointError(f"transformer_impl must be one of {IMPLS}, got {transformer_impl!r}")
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise CheckpointError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
     out: dict[str, Any] = {}
     for name, t in local.items():
         if transformer_impl == "transformer_engine" and name.startswith("decoder.layers."):
