@@ -198,7 +198,10 @@ def convert(opts: ConvertOptions, progress: Callable[[Progress], None] | None = 
     try:
         return _convert(opts, src, hasher, progress, should_cancel)
     finally:
+        # a refused or failed conversion ends the hashing before returning: left running while the
+        # interpreter exits, its worker pool would fail on shutdown and print a thread's traceback
         hasher.stop()
+        hasher.join()
 
 
 def _convert(opts: ConvertOptions, src: _Source, hasher: _Hasher, progress: Callable[[Progress], None] | None,
