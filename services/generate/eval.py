@@ -23,29 +23,31 @@ from typing import Any
 
 from shared.evaluation.run import REFERENCE_DTYPES, EvalParams, run_eval
 
-D = EvalParams()  # the defaults, declared once
+DEFAULTS = EvalParams()  # the defaults, declared once
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--load", required=True, help="our checkpoint: converted, HF, Meta, Megatron-LM, or a training run directory")
+    p.add_argument("--load", required=True,
+                   help="our checkpoint: converted, HF, Meta, Megatron-LM, or a training run directory")
     p.add_argument("--reference", required=True, help="the HF model directory to compare against")
-    p.add_argument("--tasks", default=",".join(D.tasks),
+    p.add_argument("--tasks", default=",".join(DEFAULTS.tasks),
                    help="comma-separated bundled names, JSONL paths or YAML task names")
-    p.add_argument("--dtype", default=",".join(D.dtypes), help="fp32, bf16, or both: fp32,bf16 (one report each)")
-    p.add_argument("--reference-dtype", default=D.reference_dtype, choices=REFERENCE_DTYPES,
+    p.add_argument("--dtype", default=",".join(DEFAULTS.dtypes),
+                   help="fp32, bf16, or both: fp32,bf16 (one report each)")
+    p.add_argument("--reference-dtype", default=DEFAULTS.reference_dtype, choices=REFERENCE_DTYPES,
                    help="dtype of the HF reference: 'same' as ours (like for like, the default) or fixed "
                         "(fp32 also measures what bf16 costs)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", type=int, default=1)
-    p.add_argument("--limit", type=int, default=D.limit, help="items per task (default: all)")
-    p.add_argument("--items", type=int, default=D.items, help="items generated per bundled task")
-    p.add_argument("--seed", type=int, default=D.seed, help="seed of the bundled tasks")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--pipeline-parallel-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--limit", type=int, default=DEFAULTS.limit, help="items per task (default: all)")
+    p.add_argument("--items", type=int, default=DEFAULTS.items, help="items generated per bundled task")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the bundled tasks")
     p.add_argument("--include-path", action="append", default=[], help="a directory of lm-eval task YAML files")
-    p.add_argument("--greedy-items", type=int, default=D.greedy_items,
+    p.add_argument("--greedy-items", type=int, default=DEFAULTS.greedy_items,
                    help="greedy-generation probe items per task (0: none)")
-    p.add_argument("--reference-threads", type=int, default=D.reference_threads,
+    p.add_argument("--reference-threads", type=int, default=DEFAULTS.reference_threads,
                    help="CPU threads for the HF reference (default: torch's choice)")
-    p.add_argument("--batch-tokens", type=int, default=D.batch_tokens, help="tokens per scoring batch")
+    p.add_argument("--batch-tokens", type=int, default=DEFAULTS.batch_tokens, help="tokens per scoring batch")
     p.add_argument("--output", default=None, help="where to write the reports (default: CKPT/eval)")
     return p
 
