@@ -64,3 +64,13 @@ def megatron_cli(url: str, prompt: str, tokens_to_generate: int, headers: dict |
     if response.status_code != 200:
         return response.status_code, response.json()["message"]
     return response.status_code, response.json()["text"][0]
+
+
+def assert_chat_top_logprobs(oai, model: str, content: str) -> None:
+    """Chat ``logprobs``/``top_logprobs`` through the openai SDK: three alternatives at every
+    generated position, the chosen token first (greedy)."""
+    r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                    max_completion_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    positions = r.choices[0].logprobs.content
+    assert len(positions) == r.usage.completion_tokens == 4
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in positions)

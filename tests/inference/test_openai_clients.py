@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.generate.runtime import GenerationRuntime
-from tests.inference.helpers import tiny_native_dir
+from tests.inference.helpers import assert_chat_top_logprobs, tiny_native_dir
 from tests.inference.test_server import Served
 
 
@@ -39,11 +39,7 @@ def test_logprobs_n_alternatives_top1_is_greedy(oai):
 
 
 def test_chat_top_logprobs(oai):
-    r = oai.chat.completions.create(model="tiny-native", messages=[{"role": "user", "content": "Hi"}],
-                                    max_completion_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
-    content = r.choices[0].logprobs.content
-    assert len(content) == r.usage.completion_tokens == 4
-    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
+    assert_chat_top_logprobs(oai, "tiny-native", "Hi")
 
 
 def test_prompt_forms_n_and_echo_scoring(oai):

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from gateway.core.manifests import model_positions
 from shared.settings import LOCAL_DEV_KEY, Settings, hash_key
 from services.stack import free_port
-from tests.services.conftest import client, dump_logs, start_stack, wait_for
+from tests.services.conftest import client, stack_serving, wait_for
 
 A = {"Authorization": "Bearer key-team-a"}
 B = {"Authorization": "Bearer key-team-b"}
@@ -40,12 +40,8 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, tiny_hf):
-    s = start_stack(tmp_path_factory.mktemp("edge"), queues=("generate",), env=LIMITS)
-    client(s).upload_checkpoint("tiny", tiny_hf)
-    yield s
-    if request.session.testsfailed:
-        dump_logs(s)
-    s.__exit__(None, None, None)
+    with stack_serving(request, tmp_path_factory.mktemp("edge"), tiny_hf, env=LIMITS) as s:
+        yield s
 
 
 def _open_upload(port: int, headers: dict, declared: int, path: str = "/v1/checkpoints?name=big") -> socket.socket:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -82,6 +83,19 @@ def start_stack(tmp: Path, *, storage_url: str | None = None, queues=("convert",
     stack.__enter__()
     return stack
 
+
+
+@contextlib.contextmanager
+def stack_serving(request, root: Path, tiny_hf: Path, *, queues=("generate",), env: dict | None = None):
+    """A stack holding team A's upload ``tiny``; its logs are printed when a test of the session failed."""
+    s = start_stack(root, queues=queues, env=env)
+    try:
+        client(s).upload_checkpoint("tiny", tiny_hf)
+        yield s
+    finally:
+        if request.session.testsfailed:
+            dump_logs(s)
+        s.__exit__(None, None, None)
 
 def client(stack: LocalStack, team: str = "team-a") -> Client:
     key = next(k for k, t in KEYS.items() if t == team)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.inference.helpers import megatron_cli
-from tests.services.conftest import client, dump_logs, start_stack, wait_state
+from tests.services.conftest import client, stack_serving, wait_state
 from shared.samples import make_hf_checkpoint
 
 PROMPTS = ["the quick brown fox", "hello world", "a checkpoint is", "tensor and pipeline", "the lazy dog",
@@ -41,12 +41,8 @@ def hf_greedy(ckpt: Path, prompt: str, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, tiny_hf):
-    s = start_stack(tmp_path_factory.mktemp("gen"), queues=("generate",))
-    client(s).upload_checkpoint("tiny", tiny_hf)
-    yield s
-    if request.session.testsfailed:
-        dump_logs(s)
-    s.__exit__(None, None, None)
+    with stack_serving(request, tmp_path_factory.mktemp("gen"), tiny_hf) as s:
+        yield s
 
 
 def test_concurrent_requests_batch_together(stack, tiny_hf):

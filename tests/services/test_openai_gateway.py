@@ -6,7 +6,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.services.conftest import client, dump_logs, start_stack
+from tests.inference.helpers import assert_chat_top_logprobs
+from tests.services.conftest import stack_serving
 
 # one generation at a time, so a second concurrent request is the gateway's 429
 ENV = {"LLAMA_SVC_MAX_CONCURRENT_GENERATIONS": "1", "LLAMA_SVC_RETRY_AFTER_S": "3"}
@@ -14,12 +15,8 @@ ENV = {"LLAMA_SVC_MAX_CONCURRENT_GENERATIONS": "1", "LLAMA_SVC_RETRY_AFTER_S": "
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, tiny_hf):
-    s = start_stack(tmp_path_factory.mktemp("oaigw"), queues=("generate",), env=ENV)
-    client(s).upload_checkpoint("tiny", tiny_hf)
-    yield s
-    if request.session.testsfailed:
-        dump_logs(s)
-    s.__exit__(None, None, None)
+    with stack_serving(request, tmp_path_factory.mktemp("oaigw"), tiny_hf, env=ENV) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +69,7 @@ def test_logprobs_n_alternatives_top1_is_greedy(oai, tok, tiny_hf):
 
 
 def test_chat_top_logprobs(oai):
-    r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello world"}],
-                                    max_completion_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
-    content = r.choices[0].logprobs.content
-    assert len(content) == r.usage.completion_tokens == 4
-    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
+    assert_chat_top_logprobs(oai, "tiny", "hello world")
 
 
 def test_prompt_forms_n_and_echo(oai, tok):
