@@ -19,7 +19,7 @@ job never carry host paths (``shared.paths.redact``).
 
 Every job kind goes through ``job_task``: convert/reshard/export/import and finetune/eval in a
 supervised child, batch generation on the generate worker's own job thread (its models stay warm
-in the worker). Progress of every kind is one ``shared.jobs.progress.Progress`` record, passed
+in the worker). Progress of every kind is one ``shared.progress.Progress`` record, passed
 through one ``ProgressThrottle``; every job that commits a checkpoint does it with
 ``commit_output`` (retry-safe and cancellation-aware).
 
@@ -50,7 +50,7 @@ from celery import signals
 
 from shared.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from shared.jobs.logs import job_id_var, setup_json_logging
-from shared.jobs.progress import ProgressThrottle, bytes_progress
+from shared.progress import ProgressThrottle, bytes_progress
 from shared.jobs.reaper import dispatch as redispatch
 from shared.jobs.transport import make_celery, job_task_name
 from shared.paths import redact

@@ -14,7 +14,7 @@ from pathlib import Path
 from services.worker import ChildContext, Job, Output, commit_output
 from shared.checkpoint.upload import BadUpload, check_file_list, check_hf_dir, upload_meta
 from shared.files import sha256_file
-from shared.jobs.progress import bytes_progress
+from shared.progress import bytes_progress
 from shared.storage import DATASET_FILE, CheckpointStore, IntegrityError, dataset_store
 from shared.specs.records import DataError, check_jsonl
 from shared.storage.uploads import UploadSessions, granted

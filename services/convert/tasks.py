@@ -13,7 +13,7 @@ import shutil
 import time
 
 from services.worker import ChildContext, Job, JobCancelled, JobContext, Output, commit_output, job_task, settings
-from shared.jobs.progress import Progress
+from shared.progress import Progress
 
 # kind -> (loader, checkpoint_type, saver)
 PLANS = {

@@ -46,7 +46,7 @@ from shared.protocol.relay import RelayError, RelayReply, RelayRequest
 from services.worker import (Job, JobCancelled, JobContext, JobFailed, OwnershipLost, app, checkpoint_store, job_task,
                              settings)
 from shared.jobs import placement
-from shared.jobs.progress import Progress
+from shared.progress import Progress
 from shared.jobs.transport import GENERATE_REQUEST
 from shared.storage import CheckpointNotFound, CheckpointStore
 

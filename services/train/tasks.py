@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from services.worker import ChildContext, Job, JobContext, Output, commit_output, job_task
-from shared.jobs.progress import Progress
+from shared.progress import Progress
 from shared.storage import DATASET_FILE, METRICS_ARTIFACT, artifact_key, dataset_store
 
 RESULT_KEYS = ("status", "iteration", "loss", "valid_loss", "trainable_parameters", "parameters", "elapsed_s")

@@ -1,4 +1,4 @@
-"""Conversion progress: ``Progress`` records (``shared.jobs.progress``), and a terminal renderer for the CLI."""
+"""Conversion progress: ``Progress`` records (``shared.progress``), and a terminal renderer for the CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from shared.jobs.progress import Progress  # the one progress record of every job kind
+from shared.progress import Progress  # the one progress record of every job kind
 
 __all__ = ["Progress", "ProgressTracker", "TerminalProgress"]
 

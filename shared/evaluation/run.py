@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.evaluation.tasks import DEFAULT_ITEMS, DEFAULT_SEED
-from shared.jobs.progress import Progress
+from shared.progress import Progress
 
 REFERENCE_DTYPES = ("same", "fp32", "bf16")
 

@@ -72,7 +72,7 @@ class ProgressThrottle:
 
     def __call__(self, p: Progress) -> bool:
         if not isinstance(p, Progress):
-            raise TypeError(f"progress takes a shared.jobs.progress.Progress, not {type(p).__name__}")
+            raise TypeError(f"progress takes a shared.progress.Progress, not {type(p).__name__}")
         now = self.clock()
         if not (p.phase != self._phase or p.done or now - self._last >= self.min_interval_s):
             return False
